@@ -113,8 +113,12 @@ impl KvWorkload {
                 let target = self.rng.gen_range(0..4);
                 let target_union = match target {
                     0 => compare::TargetUnion::Version(self.rng.gen_range(0..3)),
-                    1 => compare::TargetUnion::CreateRevision(self.rng.gen_range(0..self.revision + 1)),
-                    2 => compare::TargetUnion::ModRevision(self.rng.gen_range(0..self.revision + 1)),
+                    1 => compare::TargetUnion::CreateRevision(
+                        self.rng.gen_range(0..self.revision + 1),
+                    ),
+                    2 => {
+                        compare::TargetUnion::ModRevision(self.rng.gen_range(0..self.revision + 1))
+                    }
                     _ => compare::TargetUnion::Value(
                         format!("v{}", self.rng.gen_range(0..1000)).into_bytes(),
                     ),
@@ -168,12 +172,12 @@ impl KvWorkload {
                     // Nested txns only read, so they cannot collide with this branch's
                     // writes.
                     let mut nested = self.txn(depth - 1);
-                    nested
-                        .success
-                        .retain(|op| matches!(op.request, Some(request_op::Request::RequestRange(_))));
-                    nested
-                        .failure
-                        .retain(|op| matches!(op.request, Some(request_op::Request::RequestRange(_))));
+                    nested.success.retain(|op| {
+                        matches!(op.request, Some(request_op::Request::RequestRange(_)))
+                    });
+                    nested.failure.retain(|op| {
+                        matches!(op.request, Some(request_op::Request::RequestRange(_)))
+                    });
                     request_op::Request::RequestTxn(nested)
                 }
                 _ => continue,

@@ -46,7 +46,12 @@ fn open(backend: impl Backend) -> StateMachine {
 }
 
 /// Applies `steps` requests of `workload`, starting at log index `first_index`.
-fn run(sm: &mut StateMachine, workload: &mut KvWorkload, first_index: u64, steps: usize) -> Vec<Applied> {
+fn run(
+    sm: &mut StateMachine,
+    workload: &mut KvWorkload,
+    first_index: u64,
+    steps: usize,
+) -> Vec<Applied> {
     (0..steps as u64)
         .map(|i| {
             let request = workload.next_request();
@@ -66,10 +71,17 @@ fn same_seed_gives_identical_responses_and_hashes() {
         let rb = run(&mut b, &mut KvWorkload::new(seed), 1, STEPS);
         assert_eq!(ra, rb, "seed {seed}: responses differ");
         assert_eq!(a.hash_kv(0), b.hash_kv(0), "seed {seed}: hash_kv differs");
-        assert_eq!(a.hash().unwrap(), b.hash().unwrap(), "seed {seed}: hash differs");
+        assert_eq!(
+            a.hash().unwrap(),
+            b.hash().unwrap(),
+            "seed {seed}: hash differs"
+        );
         assert_eq!(a.applied_index(), STEPS as u64, "seed {seed}");
         // The workload must actually move the store, or this test proves nothing.
-        assert!(a.current_revision() > 50, "seed {seed}: workload wrote too little");
+        assert!(
+            a.current_revision() > 50,
+            "seed {seed}: workload wrote too little"
+        );
     }
 }
 
@@ -83,13 +95,29 @@ fn reopening_the_engine_mid_run_changes_nothing() {
         let mut workload = KvWorkload::new(seed);
         let mut sm = open(backend.clone());
         let mut got = run(&mut sm, &mut workload, 1, STEPS / 2);
-        let state_before = (sm.current_revision(), sm.compacted_revision(), sm.hash_kv(0));
+        let state_before = (
+            sm.current_revision(),
+            sm.compacted_revision(),
+            sm.hash_kv(0),
+        );
         drop(sm);
         let mut sm = open(backend.clone());
         assert_eq!(sm.applied_index(), (STEPS / 2) as u64, "seed {seed}");
-        let state_after = (sm.current_revision(), sm.compacted_revision(), sm.hash_kv(0));
-        assert_eq!(state_after, state_before, "seed {seed}: reopen changed the state");
-        got.extend(run(&mut sm, &mut workload, (STEPS / 2 + 1) as u64, STEPS - STEPS / 2));
+        let state_after = (
+            sm.current_revision(),
+            sm.compacted_revision(),
+            sm.hash_kv(0),
+        );
+        assert_eq!(
+            state_after, state_before,
+            "seed {seed}: reopen changed the state"
+        );
+        got.extend(run(
+            &mut sm,
+            &mut workload,
+            (STEPS / 2 + 1) as u64,
+            STEPS - STEPS / 2,
+        ));
 
         assert_eq!(got, expected, "seed {seed}: responses differ after reopen");
         assert_eq!(sm.hash_kv(0), straight.hash_kv(0), "seed {seed}");
@@ -111,6 +139,10 @@ fn replayed_entries_are_ignored() {
         for (i, r) in requests.iter().enumerate() {
             sm.apply(i as u64 + 1, r);
         }
-        assert_eq!((sm.hash().unwrap(), sm.current_revision()), before, "seed {seed}");
+        assert_eq!(
+            (sm.hash().unwrap(), sm.current_revision()),
+            before,
+            "seed {seed}"
+        );
     }
 }

@@ -1,0 +1,284 @@
+//! The gRPC services (KV, Maintenance, Cluster) and what they share.
+//!
+//! This module owns the client-facing request path: size and quota limits, etcd's
+//! pre-proposal checks, stamping the replicated envelope, choosing between a log proposal
+//! and a local read, and filling every response header. It must never change the key
+//! space except through [`Replicator::propose`], never read it except through the state
+//! machine's read methods, and never render an error except through [`crate::status`].
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use metastore_core::{ApplyResponse, StateMachine};
+use metastore_proto::etcdserverpb as pb;
+use metastore_proto::metastore::{internal_request, InternalRequest, RequestHeader};
+use tonic::Status;
+
+use crate::error::Error;
+use crate::membership::Identity;
+use crate::replication::{read_state, Replicator, SharedState};
+use crate::status::EtcdError;
+use crate::storage::Engine;
+
+pub mod cluster;
+pub mod kv;
+pub mod maintenance;
+mod precheck;
+
+pub use cluster::ClusterService;
+pub use kv::KvService;
+pub use maintenance::MaintenanceService;
+
+/// Limits from the command line that the request path enforces.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// `--max-request-bytes`: the largest envelope a write may propose.
+    pub max_request_bytes: usize,
+    /// `--max-txn-ops`.
+    pub max_txn_ops: usize,
+    /// `--quota-backend-bytes` resolved; `None` disables the quota.
+    pub quota_bytes: Option<u64>,
+}
+
+/// State shared by every service of one member.
+pub struct Api {
+    pub state: SharedState,
+    pub log: Arc<dyn Replicator>,
+    pub engine: Engine,
+    pub identity: Identity,
+    pub limits: Limits,
+    next_request_id: AtomicU64,
+    /// The engine size the quota check last saw, and when (ms since `started`): sizing
+    /// an engine is not free (the memory engine walks every key), so writes share one
+    /// reading per `SIZE_REFRESH`.
+    quota_size: AtomicU64,
+    quota_size_at_ms: AtomicU64,
+    started: Instant,
+}
+
+/// How stale the engine size used by the quota check may be. etcd's quota is a soft
+/// bound too: it charges an estimate of each write against the current size.
+const SIZE_REFRESH: Duration = Duration::from_millis(100);
+
+/// etcd's `kvOverhead`: what the quota charges a put beyond its key and value.
+const KV_OVERHEAD: u64 = 256;
+
+impl Api {
+    pub fn new(
+        state: SharedState,
+        log: Arc<dyn Replicator>,
+        engine: Engine,
+        identity: Identity,
+        limits: Limits,
+    ) -> Self {
+        // etcd's request ID generator: the low 16 bits of the member ID on top, then the
+        // start time in milliseconds, then a counter, so IDs stay unique across restarts.
+        let prefix = (identity.member_id & 0xffff) << 48;
+        let suffix = (unix_nanos() as u64 / 1_000_000) << 8 & ((1 << 48) - 1);
+        Self {
+            state,
+            log,
+            engine,
+            identity,
+            limits,
+            next_request_id: AtomicU64::new(prefix | suffix),
+            quota_size: AtomicU64::new(0),
+            quota_size_at_ms: AtomicU64::new(u64::MAX),
+            started: Instant::now(),
+        }
+    }
+
+    /// Fills a response header the way etcd's `header.fill` does: identity and term
+    /// always, the revision only when the state machine did not set one.
+    pub fn fill(&self, header: &mut Option<pb::ResponseHeader>) {
+        let term = self.log.status().term;
+        let h = header.get_or_insert_with(Default::default);
+        h.cluster_id = self.identity.cluster_id;
+        h.member_id = self.identity.member_id;
+        h.raft_term = term;
+        if h.revision == 0 {
+            h.revision = self.current_revision();
+        }
+    }
+
+    pub fn current_revision(&self) -> i64 {
+        read_state(&self.state)
+            .map(|sm| sm.current_revision())
+            .unwrap_or(0)
+    }
+
+    /// Runs a read against the local state machine.
+    pub fn read<T>(
+        &self,
+        f: impl FnOnce(&StateMachine) -> metastore_core::Result<T>,
+    ) -> Result<T, Status> {
+        let sm = read_state(&self.state).map_err(Status::from)?;
+        f(&sm).map_err(|e| Error::Core(e).into())
+    }
+
+    /// Waits until a linearizable read may be served locally.
+    pub async fn read_barrier(&self) -> Result<(), Status> {
+        self.log.read_barrier().await.map_err(Status::from)
+    }
+
+    /// etcd's quota check (`quotaKVServer`): a write that costs something is refused once
+    /// the engine plus the write would reach the quota.
+    pub fn check_quota(&self, cost: u64) -> Result<(), Status> {
+        match self.limits.quota_bytes {
+            Some(quota) if cost > 0 => {
+                let size = self.engine_size_for_quota();
+                if size + cost >= quota {
+                    tracing::warn!(
+                        db_size = size,
+                        quota,
+                        "refusing a write: database space exceeded"
+                    );
+                    return Err(EtcdError::NoSpace.status());
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn engine_size_for_quota(&self) -> u64 {
+        let now_ms = self.started.elapsed().as_millis() as u64;
+        let at = self.quota_size_at_ms.load(Ordering::Relaxed);
+        if at != u64::MAX && now_ms.saturating_sub(at) < SIZE_REFRESH.as_millis() as u64 {
+            return self.quota_size.load(Ordering::Relaxed);
+        }
+        let size = self.engine.size();
+        self.quota_size.store(size, Ordering::Relaxed);
+        self.quota_size_at_ms.store(now_ms, Ordering::Relaxed);
+        size
+    }
+
+    /// Wraps a request in the replicated envelope, stamped with a fresh request ID and
+    /// the proposer's clock, checks its size, and proposes it.
+    pub async fn propose(
+        &self,
+        request: internal_request::Request,
+    ) -> Result<ApplyResponse, Status> {
+        self.propose_internal(request).await.map_err(Status::from)
+    }
+
+    /// `propose` for callers inside the runtime (the compactor) that match on errors.
+    pub async fn propose_internal(
+        &self,
+        request: internal_request::Request,
+    ) -> Result<ApplyResponse, Error> {
+        let envelope = InternalRequest {
+            header: Some(RequestHeader {
+                id: self.next_request_id.fetch_add(1, Ordering::Relaxed),
+                ..Default::default()
+            }),
+            proposed_at_unix_nanos: unix_nanos(),
+            request: Some(request),
+        };
+        // etcd measures the marshalled internal request against --max-request-bytes.
+        if prost::Message::encoded_len(&envelope) > self.limits.max_request_bytes {
+            return Err(Error::Core(metastore_core::Error::RequestTooLarge));
+        }
+        self.log.propose(envelope).await
+    }
+}
+
+fn unix_nanos() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+/// A response of the wrong kind for the request: a bug between runtime and core.
+fn mismatched(what: &str, got: &ApplyResponse) -> Status {
+    Status::from(Error::Internal(format!(
+        "{what} answered with {:?}",
+        std::mem::discriminant(got)
+    )))
+}
+
+/// etcd's `costPut`.
+fn cost_put(r: &pb::PutRequest) -> u64 {
+    KV_OVERHEAD + r.key.len() as u64 + r.value.len() as u64
+}
+
+/// etcd's `costTxn`: the costlier branch's puts (nested transactions included).
+fn cost_txn(r: &pb::TxnRequest) -> u64 {
+    fn branch(ops: &[pb::RequestOp]) -> u64 {
+        ops.iter()
+            .map(|op| match &op.request {
+                Some(pb::request_op::Request::RequestPut(p)) => cost_put(p),
+                Some(pb::request_op::Request::RequestTxn(t)) => cost_txn(t),
+                _ => 0,
+            })
+            .sum()
+    }
+    branch(&r.success).max(branch(&r.failure))
+}
+
+/// Whether every Range of a read-only transaction asked for a serializable read (etcd's
+/// `isTxnSerializable`); then no read barrier is needed.
+fn txn_is_serializable(r: &pb::TxnRequest) -> bool {
+    r.success
+        .iter()
+        .chain(&r.failure)
+        .all(|op| match &op.request {
+            Some(pb::request_op::Request::RequestRange(range)) => range.serializable,
+            _ => false,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pb::request_op::Request as Op;
+
+    fn op(r: Op) -> pb::RequestOp {
+        pb::RequestOp { request: Some(r) }
+    }
+
+    #[test]
+    fn txn_costs_follow_etcd() {
+        let put = |k: &str, v: &str| {
+            op(Op::RequestPut(pb::PutRequest {
+                key: k.into(),
+                value: v.into(),
+                ..Default::default()
+            }))
+        };
+        let txn = pb::TxnRequest {
+            compare: vec![],
+            success: vec![put("a", "1"), put("bb", "22")],
+            failure: vec![op(Op::RequestTxn(pb::TxnRequest {
+                success: vec![put("c", "333333")],
+                ..Default::default()
+            }))],
+        };
+        assert_eq!(cost_txn(&txn), 256 * 2 + 2 + 4);
+        assert_eq!(cost_txn(&pb::TxnRequest::default()), 0);
+    }
+
+    #[test]
+    fn serializable_txns() {
+        let range = |s: bool| {
+            op(Op::RequestRange(pb::RangeRequest {
+                key: b"k".to_vec(),
+                serializable: s,
+                ..Default::default()
+            }))
+        };
+        let ro = pb::TxnRequest {
+            success: vec![range(true)],
+            failure: vec![range(true)],
+            ..Default::default()
+        };
+        assert!(txn_is_serializable(&ro));
+        let linear = pb::TxnRequest {
+            success: vec![range(true), range(false)],
+            ..Default::default()
+        };
+        assert!(!txn_is_serializable(&linear));
+    }
+}

@@ -1,0 +1,23 @@
+//! MetaStore's runtime: everything that touches the world around the deterministic state
+//! machine — flags, storage engines, the replicated log, the gRPC services, timers.
+//!
+//! This crate owns I/O, time and concurrency. It must never decide what a request does
+//! to the key space (that is `metastore-core`, reached through `StateMachine::apply` and
+//! its read methods), and every client-visible error goes through [`status`].
+//!
+//! Layers, outside in: [`config`] → [`server`] (assembly, shutdown) → [`api`] (services)
+//! → [`replication`] (the log seam) → core's `StateMachine` → [`storage`] (engines).
+
+pub mod api;
+pub mod compactor;
+pub mod config;
+pub mod error;
+pub mod membership;
+pub mod replication;
+pub mod server;
+pub mod status;
+pub mod storage;
+
+pub use config::{Config, Flags};
+pub use error::{Error, Result};
+pub use server::{start, RunningServer, StartError};

@@ -1,0 +1,132 @@
+//! Storage engines behind core's `Backend` trait, and the handle the runtime keeps on the
+//! engine it opened.
+//!
+//! This module owns opening, sizing and flushing engines. It must never interpret the
+//! bytes it stores (that is core's job for the key space and `log`'s for log entries), and
+//! it must keep two engine properties the rest of the runtime relies on: a `WriteBatch` is
+//! applied atomically, and writes become durable in the order they were made (a synced
+//! batch makes every earlier batch durable too), which is what lets the log trim entries
+//! in a later batch than the one that applied them.
+
+use std::sync::Arc;
+
+use metastore_core::backend::ScanVisitor;
+use metastore_core::{Backend, BackendError, Bucket, MemoryBackend, WriteBatch};
+
+use crate::config::{Config, Engine as EngineKind};
+
+#[cfg(feature = "rocksdb")]
+pub mod rocks;
+
+/// The engine a member runs on. Cloning shares the same engine.
+#[derive(Clone)]
+pub enum Engine {
+    Memory(Arc<MemoryBackend>),
+    #[cfg(feature = "rocksdb")]
+    RocksDb(Arc<rocks::RocksBackend>),
+}
+
+impl Engine {
+    /// Opens the engine the configuration names; RocksDB lives in
+    /// `<data-dir>/member/rocksdb` (etcd keeps its data under `<data-dir>/member` too).
+    pub fn open(config: &Config) -> Result<Self, BackendError> {
+        match config.engine {
+            EngineKind::Memory => Ok(Engine::Memory(Arc::new(MemoryBackend::new()))),
+            #[cfg(feature = "rocksdb")]
+            EngineKind::RocksDb => {
+                let dir = config.data_dir.join("member");
+                create_private_dir(&dir)?;
+                let db = rocks::RocksBackend::open(&dir.join("rocksdb"))?;
+                Ok(Engine::RocksDb(Arc::new(db)))
+            }
+        }
+    }
+
+    /// The engine as core sees it.
+    pub fn backend(&self) -> Arc<dyn Backend> {
+        match self {
+            Engine::Memory(m) => m.clone(),
+            #[cfg(feature = "rocksdb")]
+            Engine::RocksDb(r) => r.clone(),
+        }
+    }
+
+    /// A boxed handle for `StateMachine::open`, sharing the engine with the log.
+    pub fn boxed(&self) -> Box<dyn Backend> {
+        Box::new(SharedBackend(self.backend()))
+    }
+
+    /// Bytes physically occupied (etcd's `db_size`).
+    pub fn size(&self) -> u64 {
+        self.backend().size_bytes()
+    }
+
+    /// Bytes holding live data (etcd's `db_size_in_use`).
+    pub fn size_in_use(&self) -> u64 {
+        match self {
+            Engine::Memory(m) => m.size_bytes(),
+            #[cfg(feature = "rocksdb")]
+            Engine::RocksDb(r) => r.size_in_use(),
+        }
+    }
+
+    /// Makes every write so far durable (used at shutdown; apply batches are not synced
+    /// one by one because the log entry they come from already is).
+    pub fn flush(&self) -> Result<(), BackendError> {
+        match self {
+            Engine::Memory(_) => Ok(()),
+            #[cfg(feature = "rocksdb")]
+            Engine::RocksDb(r) => r.flush(),
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.backend().engine_name()
+    }
+}
+
+/// An `Arc`-shared engine presented as an owned `Backend`, so the state machine and the
+/// log can use the same engine without the log taking the state machine's lock.
+pub struct SharedBackend(pub Arc<dyn Backend>);
+
+impl Backend for SharedBackend {
+    fn get(&self, bucket: Bucket, key: &[u8]) -> Result<Option<Vec<u8>>, BackendError> {
+        self.0.get(bucket, key)
+    }
+    fn scan(
+        &self,
+        bucket: Bucket,
+        start: &[u8],
+        end: Option<&[u8]>,
+        visit: &mut ScanVisitor<'_>,
+    ) -> Result<(), BackendError> {
+        self.0.scan(bucket, start, end, visit)
+    }
+    fn write(&self, batch: WriteBatch) -> Result<(), BackendError> {
+        self.0.write(batch)
+    }
+    fn size_bytes(&self) -> u64 {
+        self.0.size_bytes()
+    }
+    fn engine_name(&self) -> &'static str {
+        self.0.engine_name()
+    }
+}
+
+#[cfg(feature = "rocksdb")]
+fn create_private_dir(dir: &std::path::Path) -> Result<(), BackendError> {
+    // etcd creates its data directory with 0700: the data may hold credentials.
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder.create(dir).map_err(|e| {
+        BackendError(format!(
+            "cannot create data directory {}: {e}",
+            dir.display()
+        ))
+    })
+}
