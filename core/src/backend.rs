@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 use crate::error::BackendError;
 
@@ -129,6 +129,32 @@ pub trait Backend: Send + Sync + 'static {
 
 /// Every bucket's entries in one ordered map, keyed by (bucket, key).
 type Entries = BTreeMap<(Bucket, Vec<u8>), Vec<u8>>;
+
+/// A shared engine is an engine: the state machine and the log hold the same one, and a
+/// test reopens a state machine over the bytes an earlier one left, as a restart does.
+impl<B: Backend + ?Sized> Backend for Arc<B> {
+    fn get(&self, bucket: Bucket, key: &[u8]) -> Result<Option<Vec<u8>>, BackendError> {
+        (**self).get(bucket, key)
+    }
+    fn scan(
+        &self,
+        bucket: Bucket,
+        start: &[u8],
+        end: Option<&[u8]>,
+        visit: &mut ScanVisitor<'_>,
+    ) -> Result<(), BackendError> {
+        (**self).scan(bucket, start, end, visit)
+    }
+    fn write(&self, batch: WriteBatch) -> Result<(), BackendError> {
+        (**self).write(batch)
+    }
+    fn size_bytes(&self) -> u64 {
+        (**self).size_bytes()
+    }
+    fn engine_name(&self) -> &'static str {
+        (**self).engine_name()
+    }
+}
 
 /// The in-memory engine: tests, `--engine memory`, and simulation. Nothing survives the
 /// process.

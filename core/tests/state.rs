@@ -908,17 +908,17 @@ fn corrupt_store_is_an_error_not_a_panic() {
     let be = Shared::default();
     let mut batch = metastore_core::WriteBatch::new();
     batch.put(Bucket::Key, b"garbage".to_vec(), b"x".to_vec());
-    metastore_core::Backend::write(&be, batch).unwrap();
+    metastore_core::Backend::write(&*be.0, batch).unwrap();
     assert!(matches!(
-        StateMachine::open(Box::new(be), Default::default()),
+        StateMachine::open(Box::new(be.0), Default::default()),
         Err(Error::Corrupt(_))
     ));
     let be = Shared::default();
     let mut batch = metastore_core::WriteBatch::new();
     batch.put(Bucket::Meta, b"consistent_index".to_vec(), b"x".to_vec());
-    metastore_core::Backend::write(&be, batch).unwrap();
+    metastore_core::Backend::write(&*be.0, batch).unwrap();
     assert!(matches!(
-        StateMachine::open(Box::new(be), Default::default()),
+        StateMachine::open(Box::new(be.0), Default::default()),
         Err(Error::Corrupt(_))
     ));
     let be = Shared::default();
@@ -928,9 +928,9 @@ fn corrupt_store_is_an_error_not_a_panic() {
         metastore_core::revision::Revision::new(2, 0).to_bytes(false),
         vec![0xff; 4],
     );
-    metastore_core::Backend::write(&be, batch).unwrap();
+    metastore_core::Backend::write(&*be.0, batch).unwrap();
     assert!(matches!(
-        StateMachine::open(Box::new(be), Default::default()),
+        StateMachine::open(Box::new(be.0), Default::default()),
         Err(Error::Corrupt(_))
     ));
 }

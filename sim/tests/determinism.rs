@@ -4,42 +4,10 @@
 
 use std::sync::Arc;
 
-use metastore_core::backend::ScanVisitor;
-use metastore_core::{
-    Applied, Backend, BackendError, Bucket, MemoryBackend, StateMachine, StateMachineConfig,
-    WriteBatch,
-};
+use metastore_core::{Applied, Backend, MemoryBackend, StateMachine, StateMachineConfig};
 use metastore_sim::{seeds, KvWorkload};
 
 const STEPS: usize = 400;
-
-/// A backend handle that survives the state machine that used it, like a data dir.
-#[derive(Clone, Default)]
-struct SharedBackend(Arc<MemoryBackend>);
-
-impl Backend for SharedBackend {
-    fn get(&self, bucket: Bucket, key: &[u8]) -> Result<Option<Vec<u8>>, BackendError> {
-        self.0.get(bucket, key)
-    }
-    fn scan(
-        &self,
-        bucket: Bucket,
-        start: &[u8],
-        end: Option<&[u8]>,
-        visit: &mut ScanVisitor<'_>,
-    ) -> Result<(), BackendError> {
-        self.0.scan(bucket, start, end, visit)
-    }
-    fn write(&self, batch: WriteBatch) -> Result<(), BackendError> {
-        self.0.write(batch)
-    }
-    fn size_bytes(&self) -> u64 {
-        self.0.size_bytes()
-    }
-    fn engine_name(&self) -> &'static str {
-        "shared-memory"
-    }
-}
 
 fn open(backend: impl Backend) -> StateMachine {
     StateMachine::open(Box::new(backend), StateMachineConfig::default()).expect("open")
@@ -91,7 +59,8 @@ fn reopening_the_engine_mid_run_changes_nothing() {
         let mut straight = open(MemoryBackend::new());
         let expected = run(&mut straight, &mut KvWorkload::new(seed), 1, STEPS);
 
-        let backend = SharedBackend::default();
+        // Arc-shared, so the engine outlives the state machine, as a data dir does.
+        let backend = Arc::new(MemoryBackend::new());
         let mut workload = KvWorkload::new(seed);
         let mut sm = open(backend.clone());
         let mut got = run(&mut sm, &mut workload, 1, STEPS / 2);

@@ -10,8 +10,7 @@
 
 use std::sync::Arc;
 
-use metastore_core::backend::ScanVisitor;
-use metastore_core::{Backend, BackendError, Bucket, MemoryBackend, WriteBatch};
+use metastore_core::{Backend, BackendError, MemoryBackend};
 
 use crate::config::{Config, Engine as EngineKind};
 
@@ -53,7 +52,7 @@ impl Engine {
 
     /// A boxed handle for `StateMachine::open`, sharing the engine with the log.
     pub fn boxed(&self) -> Box<dyn Backend> {
-        Box::new(SharedBackend(self.backend()))
+        Box::new(self.backend())
     }
 
     /// Bytes physically occupied (etcd's `db_size`).
@@ -82,34 +81,6 @@ impl Engine {
 
     pub fn name(&self) -> &'static str {
         self.backend().engine_name()
-    }
-}
-
-/// An `Arc`-shared engine presented as an owned `Backend`, so the state machine and the
-/// log can use the same engine without the log taking the state machine's lock.
-pub struct SharedBackend(pub Arc<dyn Backend>);
-
-impl Backend for SharedBackend {
-    fn get(&self, bucket: Bucket, key: &[u8]) -> Result<Option<Vec<u8>>, BackendError> {
-        self.0.get(bucket, key)
-    }
-    fn scan(
-        &self,
-        bucket: Bucket,
-        start: &[u8],
-        end: Option<&[u8]>,
-        visit: &mut ScanVisitor<'_>,
-    ) -> Result<(), BackendError> {
-        self.0.scan(bucket, start, end, visit)
-    }
-    fn write(&self, batch: WriteBatch) -> Result<(), BackendError> {
-        self.0.write(batch)
-    }
-    fn size_bytes(&self) -> u64 {
-        self.0.size_bytes()
-    }
-    fn engine_name(&self) -> &'static str {
-        self.0.engine_name()
     }
 }
 
