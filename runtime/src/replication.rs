@@ -18,6 +18,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use futures::future::BoxFuture;
 use metastore_core::{ApplyResponse, Backend, Bucket, StateMachine, WriteBatch};
 use metastore_proto::metastore::{InternalRequest, LogEntry};
+use metastore_proto::mvccpb;
 use prost::Message;
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -35,6 +36,24 @@ pub fn read_state(state: &SharedState) -> Result<RwLockReadGuard<'_, StateMachin
 
 fn write_state(state: &SharedState) -> Result<RwLockWriteGuard<'_, StateMachine>> {
     state.write().map_err(|_| Error::Stopped)
+}
+
+/// Receives the watch events of every applied entry, in log order, while the state
+/// machine's write lock is still held. So a watcher that registers under the read lock at
+/// revision R gets every event above R from the sink and none at or below it.
+///
+/// `publish` runs on the apply path: it must not block or wait on anything a service
+/// holds, only hand the events on.
+pub trait EventSink: Send + Sync + 'static {
+    /// The events of one applied entry: one main revision, never empty.
+    fn publish(&self, events: Vec<mvccpb::Event>);
+}
+
+/// A sink for members that serve no watchers (tests of the log alone).
+pub struct NoEvents;
+
+impl EventSink for NoEvents {
+    fn publish(&self, _events: Vec<mvccpb::Event>) {}
 }
 
 /// What the services need to know about replication for Status and response headers.
@@ -117,7 +136,12 @@ pub struct SingleLog {
 impl SingleLog {
     /// Replays entries the state machine has not applied yet, starts a new term, and
     /// spawns the task that owns the log. Must be called inside a tokio runtime.
-    pub fn open(state: SharedState, engine: Arc<dyn Backend>, member_id: u64) -> Result<Self> {
+    pub fn open(
+        state: SharedState,
+        engine: Arc<dyn Backend>,
+        member_id: u64,
+        events: Arc<dyn EventSink>,
+    ) -> Result<Self> {
         let (last_index, applied, term) = recover(&state, &*engine)?;
         let (fatal, _) = watch::channel(None);
         let shared = Arc::new(Shared {
@@ -131,6 +155,7 @@ impl SingleLog {
         let writer = Writer {
             state,
             engine,
+            events,
             shared: shared.clone(),
             term,
             last_index,
@@ -300,6 +325,7 @@ fn is_fatal(e: &metastore_core::Error) -> bool {
 struct Writer {
     state: SharedState,
     engine: Arc<dyn Backend>,
+    events: Arc<dyn EventSink>,
     shared: Arc<Shared>,
     term: u64,
     last_index: u64,
@@ -357,9 +383,10 @@ impl Writer {
                         answers.push((p.reply, Err(Error::Stopped)));
                         continue;
                     }
-                    // Watch events (`applied.events`) are dropped until the watch hub
-                    // lands; it will take them from here, in log order.
-                    let applied = sm.apply(index, &p.request);
+                    let mut applied = sm.apply(index, &p.request);
+                    if !applied.events.is_empty() {
+                        self.events.publish(std::mem::take(&mut applied.events));
+                    }
                     if let Err(e) = &applied.result {
                         if is_fatal(e) {
                             fatal = Some(format!("applying entry {index}: {e}"));
@@ -504,7 +531,13 @@ mod tests {
         let sm =
             StateMachine::open(Box::new(engine.clone()), StateMachineConfig::default()).unwrap();
         let state = Arc::new(RwLock::new(sm));
-        let log = SingleLog::open(state.clone(), Arc::new(engine.clone()), 7).unwrap();
+        let log = SingleLog::open(
+            state.clone(),
+            Arc::new(engine.clone()),
+            7,
+            Arc::new(NoEvents),
+        )
+        .unwrap();
         (state, log)
     }
 
@@ -605,6 +638,48 @@ mod tests {
         log.propose(put("c")).await.unwrap();
         assert_eq!(log.status().commit_index, 3);
         log.close().await;
+    }
+
+    /// Collects published events, as the watch hub would.
+    #[derive(Default)]
+    struct Recording(std::sync::Mutex<Vec<Vec<mvccpb::Event>>>);
+
+    impl EventSink for Recording {
+        fn publish(&self, events: Vec<mvccpb::Event>) {
+            self.0.lock().unwrap().push(events);
+        }
+    }
+
+    #[tokio::test]
+    async fn applied_events_reach_the_sink_in_log_order() {
+        let engine = Counting::default();
+        let sm =
+            StateMachine::open(Box::new(engine.clone()), StateMachineConfig::default()).unwrap();
+        let state = Arc::new(RwLock::new(sm));
+        let sink = Arc::new(Recording::default());
+        let log = SingleLog::open(state, Arc::new(engine.clone()), 7, sink.clone()).unwrap();
+        let log = Arc::new(log);
+        let proposals: Vec<_> = (0..50)
+            .map(|i| log.propose(put(&format!("k{i}"))))
+            .collect();
+        futures::future::join_all(proposals).await;
+        // A read produces no events and publishes nothing.
+        log.propose(InternalRequest {
+            request: Some(Request::Range(RangeRequest {
+                key: b"k1".to_vec(),
+                ..Default::default()
+            })),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        log.close().await;
+        let published = sink.0.lock().unwrap();
+        assert_eq!(published.len(), 50);
+        for (i, events) in published.iter().enumerate() {
+            assert_eq!(events.len(), 1);
+            assert_eq!(events[0].kv.as_ref().unwrap().mod_revision, 2 + i as i64);
+        }
     }
 
     #[tokio::test]

@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 use crate::api::{Api, ClusterService, KvService, Limits, MaintenanceService};
 use crate::config::Config;
 use crate::membership::Identity;
-use crate::replication::{Replicator, SingleLog};
+use crate::replication::{NoEvents, Replicator, SingleLog};
 use crate::storage::Engine;
 
 /// How long shutdown waits for in-flight requests before it stops waiting.
@@ -102,8 +102,13 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     .map_err(|e| StartError::State(e.to_string()))?;
     let state = Arc::new(RwLock::new(sm));
     let log = Arc::new(
-        SingleLog::open(state.clone(), engine.backend(), identity.member_id)
-            .map_err(|e| StartError::Log(e.to_string()))?,
+        SingleLog::open(
+            state.clone(),
+            engine.backend(),
+            identity.member_id,
+            Arc::new(NoEvents),
+        )
+        .map_err(|e| StartError::Log(e.to_string()))?,
     );
     let fatal = log.fatal();
     let replica = log.status();
