@@ -17,6 +17,8 @@ use crate::mvcc::{self, ReadTxn, Store, WriteTxn};
 use crate::revision::Revision;
 use crate::validate;
 
+pub mod snapshot;
+
 /// Meta bucket key of the applied (consistent) index, etcd's name and 8-byte big-endian
 /// encoding.
 pub const CONSISTENT_INDEX_KEY: &[u8] = b"consistent_index";

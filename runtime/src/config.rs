@@ -8,7 +8,7 @@
 //! Flags keep etcd's names and defaults so that scripts written for a one-member etcd
 //! start MetaStore unchanged. The clustering flags are parsed and checked for consistency
 //! the way etcd checks them (the initial cluster must name this member with its advertised
-//! peer URLs) even though only a single member can run until the Raft issue lands.
+//! peer URLs).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -125,17 +125,18 @@ pub struct Flags {
     #[arg(long, env = "ETCD_ENGINE", default_value = default_engine_name())]
     pub engine: String,
 
-    // Accepted so that etcd command lines start unchanged; they take effect in later
-    // issues (Raft timing, snapshots, logging outputs).
-    /// Time (in milliseconds) of a heartbeat interval (accepted; used by Raft later).
+    /// Time (in milliseconds) of a heartbeat interval.
     #[arg(long, env = "ETCD_HEARTBEAT_INTERVAL", default_value_t = 100)]
     pub heartbeat_interval: u64,
-    /// Time (in milliseconds) for an election to timeout (accepted; used by Raft later).
+    /// Time (in milliseconds) for an election to timeout.
     #[arg(long, env = "ETCD_ELECTION_TIMEOUT", default_value_t = 1000)]
     pub election_timeout: u64,
-    /// Number of committed transactions to trigger a snapshot (accepted, no effect yet).
-    #[arg(long, env = "ETCD_SNAPSHOT_COUNT", hide = true)]
-    pub snapshot_count: Option<u64>,
+    /// Number of committed transactions to trigger a snapshot to disk (and a raft log
+    /// compaction).
+    #[arg(long, env = "ETCD_SNAPSHOT_COUNT", default_value_t = 100_000)]
+    pub snapshot_count: u64,
+
+    // Accepted so that etcd command lines start unchanged.
     /// etcd's logger choice (accepted; MetaStore always logs structured text to stderr).
     #[arg(long, env = "ETCD_LOGGER", hide = true)]
     pub logger: Option<String>,
@@ -324,6 +325,9 @@ pub struct Config {
     pub auto_compaction: Option<AutoCompaction>,
     pub log_level: LogLevel,
     pub engine: Engine,
+    pub heartbeat_interval: std::time::Duration,
+    pub election_timeout: std::time::Duration,
+    pub snapshot_count: u64,
 }
 
 /// A configuration error, worded for the operator; `main` prints it and exits non-zero.
@@ -375,12 +379,25 @@ impl Config {
         };
         let initial_cluster = parse_initial_cluster(&initial_cluster_text)?;
         check_local_member(&name, &initial_cluster, &initial_advertise_peer_urls)?;
-        if initial_cluster.len() > 1 {
+        // etcd's checks of the raft timing flags, with its wording.
+        if flags.heartbeat_interval == 0 {
+            return Err(ConfigError("--heartbeat-interval must be positive".into()));
+        }
+        if 5 * flags.heartbeat_interval > flags.election_timeout {
             return Err(ConfigError(format!(
-                "--initial-cluster has {} members, but this MetaStore build runs a single \
-                 member only (multi-member clusters arrive with Raft)",
-                initial_cluster.len()
+                "--election-timeout[{}ms] should be at least as 5 times as \
+                 --heartbeat-interval[{}ms]",
+                flags.election_timeout, flags.heartbeat_interval
             )));
+        }
+        if flags.election_timeout > 50_000 {
+            return Err(ConfigError(format!(
+                "--election-timeout[{}ms] is too long, and should be set less than 50000ms",
+                flags.election_timeout
+            )));
+        }
+        if flags.snapshot_count == 0 {
+            return Err(ConfigError("--snapshot-count must be positive".into()));
         }
 
         let initial_cluster_state = match flags.initial_cluster_state.as_str() {
@@ -445,6 +462,9 @@ impl Config {
             auto_compaction,
             log_level,
             engine,
+            heartbeat_interval: std::time::Duration::from_millis(flags.heartbeat_interval),
+            election_timeout: std::time::Duration::from_millis(flags.election_timeout),
+            snapshot_count: flags.snapshot_count,
         })
     }
 
@@ -455,6 +475,8 @@ impl Config {
             "--engine",
             "memory",
             "--listen-client-urls",
+            "http://127.0.0.1:0",
+            "--listen-peer-urls",
             "http://127.0.0.1:0",
         ]);
         let mut config = Self::from_flags(flags).expect("test flags are valid");
@@ -717,17 +739,30 @@ mod tests {
     }
 
     #[test]
-    fn multi_member_cluster_is_refused_for_now() {
-        let e = parse(&[
+    fn multi_member_cluster_and_raft_timing() {
+        let c = parse(&[
             "--name",
             "a",
             "--initial-advertise-peer-urls",
             "http://10.0.0.1:2380",
             "--initial-cluster",
             "a=http://10.0.0.1:2380,b=http://10.0.0.2:2380",
+            "--heartbeat-interval",
+            "50",
+            "--election-timeout",
+            "500",
         ])
-        .unwrap_err();
-        assert!(e.0.contains("single member"), "{e}");
+        .unwrap();
+        assert_eq!(c.initial_cluster.len(), 2);
+        assert_eq!(c.heartbeat_interval, Duration::from_millis(50));
+        assert_eq!(c.election_timeout, Duration::from_millis(500));
+        assert_eq!(c.snapshot_count, 100_000);
+        let e = parse(&["--heartbeat-interval", "300", "--election-timeout", "1000"]).unwrap_err();
+        assert_eq!(
+            e.0,
+            "--election-timeout[1000ms] should be at least as 5 times as --heartbeat-interval[300ms]"
+        );
+        assert!(parse(&["--snapshot-count", "0"]).is_err());
     }
 
     #[test]

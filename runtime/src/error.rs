@@ -16,6 +16,10 @@ pub enum Error {
     /// The storage engine failed underneath the log; the member stops serving writes.
     #[error("storage failure: {0}")]
     Storage(String),
+    /// The cluster did not commit a proposal, or confirm a linearizable read, within the
+    /// request timeout (no leader, no quorum).
+    #[error("request timed out")]
+    Timeout,
     /// A bug: an invariant of the runtime itself did not hold.
     #[error("internal error: {0}")]
     Internal(String),

@@ -13,6 +13,7 @@ pub mod compactor;
 pub mod config;
 pub mod error;
 pub mod membership;
+pub mod raft;
 pub mod replication;
 pub mod server;
 pub mod status;

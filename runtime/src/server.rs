@@ -14,13 +14,16 @@ use metastore_core::{StateMachine, StateMachineConfig};
 use metastore_proto::etcdserverpb::cluster_server::ClusterServer;
 use metastore_proto::etcdserverpb::kv_server::KvServer;
 use metastore_proto::etcdserverpb::maintenance_server::MaintenanceServer;
+use metastore_proto::metastore::peer_server::PeerServer;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::api::{Api, ClusterService, KvService, Limits, MaintenanceService};
 use crate::config::Config;
+use crate::membership::member_id;
 use crate::membership::Identity;
-use crate::replication::{NoEvents, Replicator, SingleLog};
+use crate::raft::{RaftConfig, RaftNode};
+use crate::replication::{NoEvents, Replicator};
 use crate::storage::Engine;
 
 /// How long shutdown waits for in-flight requests before it stops waiting.
@@ -49,7 +52,7 @@ pub struct RunningServer {
     stop: watch::Sender<bool>,
     servers: Vec<JoinHandle<()>>,
     compactor: Option<JoinHandle<()>>,
-    log: Arc<SingleLog>,
+    log: Arc<RaftNode>,
     engine: Engine,
     fatal: watch::Receiver<Option<String>>,
 }
@@ -57,13 +60,6 @@ pub struct RunningServer {
 /// Binds the client listeners, opens storage, recovers the log and starts serving.
 pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     let mut identity = Identity::from_config(&config);
-    if config.initial_cluster_state == crate::config::ClusterState::Existing {
-        tracing::warn!(
-            "--initial-cluster-state=existing: joining a running cluster arrives with Raft; \
-             starting as the only member"
-        );
-    }
-
     // Listeners first, as etcd does: a port conflict fails before the data directory is
     // touched.
     let mut client_addrs = Vec::new();
@@ -88,6 +84,16 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         }
         listeners.push((url.clone(), local, listener));
     }
+    let mut peer_listeners = Vec::new();
+    for url in &config.listen_peer_urls {
+        let addr = url.socket_addr()?;
+        let listen_err = |error| StartError::Listen {
+            addr: addr.to_string(),
+            error,
+        };
+        let listener = bind(addr).await.map_err(listen_err)?;
+        peer_listeners.push(listener);
+    }
 
     let engine = Engine::open(&config).map_err(|e| StartError::Storage {
         engine: engine_label(&config),
@@ -101,11 +107,35 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     )
     .map_err(|e| StartError::State(e.to_string()))?;
     let state = Arc::new(RwLock::new(sm));
+    let token = &config.initial_cluster_token;
+    let members = config
+        .initial_cluster
+        .values()
+        .map(|urls| {
+            (
+                member_id(urls, token),
+                urls.iter().map(|u| u.as_str().to_string()).collect(),
+            )
+        })
+        .collect();
+    let election_ticks = (config.election_timeout.as_millis()
+        / config.heartbeat_interval.as_millis().max(1))
+    .max(2) as usize;
+    let raft_config = RaftConfig {
+        member_id: identity.member_id,
+        cluster_id: identity.cluster_id,
+        members,
+        bootstrap: config.initial_cluster_state == crate::config::ClusterState::New,
+        heartbeat: config.heartbeat_interval,
+        election_ticks,
+        snapshot_count: config.snapshot_count,
+        request_timeout: RaftConfig::request_timeout_for(config.election_timeout),
+    };
     let log = Arc::new(
-        SingleLog::open(
+        RaftNode::open(
+            raft_config,
             state.clone(),
             engine.backend(),
-            identity.member_id,
             Arc::new(NoEvents),
         )
         .map_err(|e| StartError::Log(e.to_string()))?,
@@ -137,14 +167,22 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
 
     let (stop, stop_rx) = watch::channel(false);
     let mut servers = Vec::new();
+    for listener in peer_listeners {
+        let router = tonic::transport::Server::builder().add_service(
+            PeerServer::new(log.peer_service())
+                .max_decoding_message_size(usize::MAX)
+                .max_encoding_message_size(usize::MAX),
+        );
+        servers.push(tokio::spawn(serve(listener, router, stop_rx.clone())));
+    }
     for (url, local, listener) in listeners {
         tracing::info!(address = %local, url = %url, "serving client traffic");
-        servers.push(tokio::spawn(serve(
-            listener,
+        let router = services(
+            tonic::transport::Server::builder(),
             api.clone(),
             config.grpc_max_recv_bytes(),
-            stop_rx.clone(),
-        )));
+        );
+        servers.push(tokio::spawn(serve(listener, router, stop_rx.clone())));
     }
 
     let compactor = config
@@ -184,19 +222,18 @@ fn local_addr(listener: &Listener) -> std::io::Result<SocketAddr> {
     listener.local_addr()
 }
 
-/// Serves the gRPC services on one listener until `stop` turns true, then lets in-flight
+/// Serves gRPC services on one listener until `stop` turns true, then lets in-flight
 /// requests finish.
 #[cfg(not(madsim))]
 async fn serve(
     listener: Listener,
-    api: Arc<Api>,
-    max_recv: usize,
+    router: tonic::transport::server::Router,
     mut stop: watch::Receiver<bool>,
 ) {
     use tonic::transport::server::TcpIncoming;
     // Small request/response pairs must not wait for Nagle's algorithm.
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let result = services(tonic::transport::Server::builder(), api, max_recv)
+    let result = router
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = stop.wait_for(|s| *s).await;
         })
@@ -222,8 +259,12 @@ fn local_addr(listener: &Listener) -> std::io::Result<SocketAddr> {
 }
 
 #[cfg(madsim)]
-async fn serve(addr: Listener, api: Arc<Api>, max_recv: usize, mut stop: watch::Receiver<bool>) {
-    let result = services(tonic::transport::Server::builder(), api, max_recv)
+async fn serve(
+    addr: Listener,
+    router: tonic::transport::server::Router,
+    mut stop: watch::Receiver<bool>,
+) {
+    let result = router
         .serve_with_shutdown(addr, async move {
             let _ = stop.wait_for(|s| *s).await;
         })

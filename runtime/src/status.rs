@@ -170,6 +170,7 @@ pub fn to_status(err: &Error) -> Status {
             },
         },
         Error::Stopped => EtcdError::Stopped.status(),
+        Error::Timeout => EtcdError::Timeout.status(),
         Error::Storage(_) | Error::Internal(_) => Status::unknown(format!("etcdserver: {err}")),
     }
 }
@@ -232,16 +233,20 @@ mod tests {
                 format!("{:<60} {}", name, row(status.code(), status.message()))
             })
             .chain(
-                [Error::Stopped, Error::Storage("fsync failed".into())]
-                    .iter()
-                    .map(|e| {
-                        let status = to_status(e);
-                        format!(
-                            "{:<60} {}",
-                            format!("{e:?}"),
-                            row(status.code(), status.message())
-                        )
-                    }),
+                [
+                    Error::Stopped,
+                    Error::Timeout,
+                    Error::Storage("fsync failed".into()),
+                ]
+                .iter()
+                .map(|e| {
+                    let status = to_status(e);
+                    format!(
+                        "{:<60} {}",
+                        format!("{e:?}"),
+                        row(status.code(), status.message())
+                    )
+                }),
             )
             .collect();
         insta::assert_snapshot!(table.join("\n"));

@@ -10,6 +10,7 @@
 //! build or install.
 
 pub mod bench;
+pub mod cluster;
 pub mod compare;
 pub mod etcdctl;
 pub mod ops;

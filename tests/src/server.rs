@@ -163,6 +163,8 @@ pub struct Server {
     pub data_dir: PathBuf,
     pub log_path: PathBuf,
     extra_args: Vec<String>,
+    /// `--initial-cluster` when this server is one member of several.
+    pub initial_cluster: Option<String>,
     child: Arc<Mutex<Option<Child>>>,
     watchdog: Option<(mpsc::Sender<()>, JoinHandle<()>)>,
     /// Owns data dir and log; removed on drop after the process is dead.
@@ -177,26 +179,42 @@ impl Server {
 
     /// Like [`Server::start`], with extra command-line flags.
     pub async fn start_with(kind: Kind, extra_args: &[&str]) -> Server {
+        let mut s = Self::prepare(kind, "n1", extra_args);
+        s.launch();
+        s.wait_ready().await;
+        s
+    }
+
+    /// A server with its ports and data dir chosen, not started yet (see `launch`).
+    pub fn prepare(kind: Kind, name: &str, extra_args: &[&str]) -> Server {
         let dir = tempfile::Builder::new()
             .prefix(&format!("mst-{}-", kind.label().replace(['(', ')'], "-")))
             .tempdir()
             .expect("create temp dir");
-        let mut s = Server {
+        Server {
             kind,
-            name: "n1".to_string(),
+            name: name.to_string(),
             client_port: free_port(),
             peer_port: free_port(),
             data_dir: dir.path().join("data"),
             log_path: dir.path().join("server.log"),
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            initial_cluster: None,
             child: Arc::new(Mutex::new(None)),
             watchdog: None,
             _dir: dir,
-        };
-        s.spawn();
-        s.start_watchdog(DEFAULT_MAX_LIFE);
-        s.wait_ready().await;
-        s
+        }
+    }
+
+    /// Starts the prepared process (with its watchdog) without waiting for it.
+    pub fn launch(&mut self) {
+        self.spawn();
+        self.start_watchdog(DEFAULT_MAX_LIFE);
+    }
+
+    /// `http://127.0.0.1:peer_port`
+    pub fn peer_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.peer_port)
     }
 
     fn command(&self) -> Command {
@@ -220,7 +238,11 @@ impl Server {
             .arg("--initial-advertise-peer-urls")
             .arg(&peer)
             .arg("--initial-cluster")
-            .arg(format!("{}={}", self.name, peer));
+            .arg(
+                self.initial_cluster
+                    .clone()
+                    .unwrap_or_else(|| format!("{}={}", self.name, peer)),
+            );
         match self.kind {
             Kind::Etcd => {}
             Kind::Metastore(Engine::RocksDb) => {
@@ -467,12 +489,23 @@ impl Server {
     /// Starts the process again with the same flags, ports and data dir, and waits
     /// until it answers. The previous process must have been stopped.
     pub async fn restart(&mut self) {
+        self.relaunch();
+        self.wait_ready().await;
+    }
+
+    /// Starts the process again with the same flags, ports and data dir, without
+    /// waiting. The previous process must have been stopped.
+    pub fn relaunch(&mut self) {
         assert!(
             self.child.lock().unwrap().is_none(),
             "restart of a running server"
         );
         self.spawn();
-        self.wait_ready().await;
+    }
+
+    /// Whether the process is running.
+    pub fn is_running(&self) -> bool {
+        self.child.lock().unwrap().is_some() && self.exited().is_none()
     }
 }
 

@@ -32,15 +32,34 @@ impl Cluster for ClusterService {
             self.api.read_barrier().await?;
         }
         let id = &self.api.identity;
+        // Other members' client URLs become known when they publish them through the
+        // log (etcd's member attributes); until then they are listed without any.
+        let members = id
+            .initial_members
+            .iter()
+            .map(|(member, name, peer_urls)| {
+                if *member == id.member_id {
+                    pb::Member {
+                        id: id.member_id,
+                        name: id.name.clone(),
+                        peer_ur_ls: id.peer_urls.clone(),
+                        client_ur_ls: id.client_urls.clone(),
+                        is_learner: false,
+                    }
+                } else {
+                    pb::Member {
+                        id: *member,
+                        name: name.clone(),
+                        peer_ur_ls: peer_urls.clone(),
+                        client_ur_ls: Vec::new(),
+                        is_learner: false,
+                    }
+                }
+            })
+            .collect();
         let mut resp = pb::MemberListResponse {
             header: None,
-            members: vec![pb::Member {
-                id: id.member_id,
-                name: id.name.clone(),
-                peer_ur_ls: id.peer_urls.clone(),
-                client_ur_ls: id.client_urls.clone(),
-                is_learner: false,
-            }],
+            members,
         };
         self.api.fill(&mut resp.header);
         Ok(Response::new(resp))

@@ -184,7 +184,7 @@ impl Api {
     }
 }
 
-fn unix_nanos() -> i64 {
+pub(crate) fn unix_nanos() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as i64)

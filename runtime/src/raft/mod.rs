@@ -1,0 +1,952 @@
+//! The Raft-replicated log: the [`Replicator`] every member runs, driving raft-rs's
+//! `RawNode` over the member's engine and the peer transport.
+//!
+//! This module owns the raft loop: ticks, proposals, `Ready` handling, the apply of
+//! committed entries to the state machine in log order, ReadIndex for linearizable reads
+//! (one raft round shared by every reader that queued before it), log compaction and
+//! snapshot install. It must never answer a proposer before its entry is committed and
+//! applied, never apply an entry twice or out of order (the state machine's applied index
+//! is the fence), never make applied state durable ahead of the commit index that covers
+//! it (a restart would find state raft does not know is committed), and never block on
+//! the network: messages go out through [`transport::Transport`]'s bounded queues.
+
+mod logger;
+pub mod storage;
+pub mod transport;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use metastore_core::{ApplyResponse, Backend, WriteBatch};
+use metastore_proto::metastore::InternalRequest;
+use prost::Message as _;
+use protobuf::Message as _;
+use raft::eraftpb::{ConfChange, ConfChangeV2, ConfState, Entry, EntryType, Message, Snapshot};
+use raft::{RawNode, SnapshotStatus, StateRole};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::error::{Error, Result};
+use crate::replication::{read_state, EventSink, ReplicaStatus, Replicator, SharedState};
+use storage::RaftStorage;
+use transport::Transport;
+
+/// What the raft loop is asked to do.
+pub enum Input {
+    Propose(InternalRequest, oneshot::Sender<Result<ApplyResponse>>),
+    /// A linearizable read wants to know when the local state is current.
+    Read(oneshot::Sender<Result<()>>),
+    Step(Message),
+    Unreachable(u64),
+    SnapshotStatus(u64, SnapshotStatus),
+    TransferLeader(u64),
+    Close(oneshot::Sender<()>),
+}
+
+/// How a member runs raft.
+#[derive(Debug, Clone)]
+pub struct RaftConfig {
+    pub member_id: u64,
+    pub cluster_id: u64,
+    /// Every member's peer URLs, this one's included.
+    pub members: HashMap<u64, Vec<String>>,
+    /// Start a new cluster from `members` when the log is empty (`--initial-cluster-state
+    /// new`); otherwise wait to be sent the cluster's state.
+    pub bootstrap: bool,
+    pub heartbeat: Duration,
+    pub election_ticks: usize,
+    pub snapshot_count: u64,
+    /// etcd's request timeout: how long a proposal or a read may wait for the cluster.
+    pub request_timeout: Duration,
+}
+
+impl RaftConfig {
+    /// etcd's `ReqTimeout`: 5 s plus two election timeouts.
+    pub fn request_timeout_for(election_timeout: Duration) -> Duration {
+        Duration::from_secs(5) + 2 * election_timeout
+    }
+}
+
+/// The term a freshly bootstrapped etcd member starts in (its bootstrap entries are in
+/// term 1), so the first election makes term 2, as with etcd.
+const BOOTSTRAP_TERM: u64 = 1;
+/// Entries kept behind a log compaction so a slightly lagging follower catches up from
+/// the log, not a snapshot (etcd's `SnapshotCatchUpEntries`, capped by the snapshot
+/// count so small `--snapshot-count` values take effect).
+const CATCH_UP_ENTRIES: u64 = 5000;
+/// Inputs handled per loop turn before raft's `Ready` is processed.
+const MAX_INPUTS_PER_TURN: usize = 4096;
+const INBOX_DEPTH: usize = 16384;
+
+struct Shared {
+    member_id: u64,
+    leader: AtomicU64,
+    term: AtomicU64,
+    commit_index: AtomicU64,
+    applied_index: AtomicU64,
+    stopped: AtomicBool,
+    fatal: watch::Sender<Option<String>>,
+    next_id: AtomicU64,
+}
+
+impl Shared {
+    fn fail(&self, why: String) {
+        tracing::error!(error = %why, "raft stopped after a fatal failure");
+        self.stopped.store(true, Ordering::SeqCst);
+        self.fatal.send_replace(Some(why));
+    }
+}
+
+/// A member's handle on its raft group.
+pub struct RaftNode {
+    inbox: mpsc::Sender<Input>,
+    shared: Arc<Shared>,
+    request_timeout: Duration,
+    /// Transport and its peer service share the inbox; kept here for `peer_service`.
+    cluster_id: u64,
+}
+
+impl RaftNode {
+    /// Opens the raft log over `engine`, replays what the state machine has not applied,
+    /// and starts the raft loop and the transport. Must be called inside a tokio runtime.
+    pub fn open(
+        config: RaftConfig,
+        state: SharedState,
+        engine: Arc<dyn Backend>,
+        events: Arc<dyn EventSink>,
+    ) -> Result<Self> {
+        let mut voters: Vec<u64> = config.members.keys().copied().collect();
+        voters.sort_unstable();
+        let bootstrap = config.bootstrap.then(|| {
+            let cs = ConfState {
+                voters: voters.clone(),
+                ..Default::default()
+            };
+            (cs, BOOTSTRAP_TERM)
+        });
+        let storage = RaftStorage::open(engine.clone(), state.clone(), bootstrap)?;
+        let applied = read_state(&state)?.applied_index();
+        // The applied state is never durable ahead of the persisted commit index (see the
+        // module invariant), but an engine restored from an older snapshot could be; raft
+        // asserts applied <= commit.
+        let commit = storage.hard_state().commit;
+        let applied = applied.min(commit.max(storage.first().saturating_sub(1)));
+        let raft_config = raft::Config {
+            id: config.member_id,
+            election_tick: config.election_ticks,
+            heartbeat_tick: 1,
+            applied,
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 256,
+            check_quorum: true,
+            pre_vote: true,
+            read_only_option: raft::ReadOnlyOption::Safe,
+            ..Default::default()
+        };
+        raft_config
+            .validate()
+            .map_err(|e| Error::Internal(format!("raft config: {e}")))?;
+        let sole_voter = storage.conf_state().voters == [config.member_id]
+            && storage.conf_state().learners.is_empty();
+        let mut node = RawNode::new(&raft_config, storage, &logger::logger(config.member_id))
+            .map_err(|e| Error::Storage(format!("starting raft: {e}")))?;
+        if sole_voter {
+            // Nobody else could win: don't wait out an election timeout.
+            let _ = node.campaign();
+        }
+
+        let (fatal, _) = watch::channel(None);
+        let shared = Arc::new(Shared {
+            member_id: config.member_id,
+            leader: AtomicU64::new(0),
+            term: AtomicU64::new(node.raft.term),
+            commit_index: AtomicU64::new(node.raft.raft_log.committed),
+            applied_index: AtomicU64::new(applied),
+            stopped: AtomicBool::new(false),
+            fatal,
+            next_id: AtomicU64::new(
+                (config.member_id & 0xffff) << 48
+                    | ((crate::api::unix_nanos() as u64 / 1_000_000) << 8 & ((1 << 48) - 1)),
+            ),
+        });
+        let (tx, rx) = mpsc::channel(INBOX_DEPTH);
+        let peers = config
+            .members
+            .iter()
+            .filter(|(id, _)| **id != config.member_id)
+            .map(|(id, urls)| (*id, urls.clone()))
+            .collect();
+        let transport = Transport::start(config.member_id, config.cluster_id, peers, tx.clone());
+        let driver = Driver {
+            node,
+            state,
+            engine,
+            events,
+            shared: shared.clone(),
+            transport,
+            waiters: HashMap::new(),
+            stalled: Vec::new(),
+            reads: Reads::default(),
+            snapshot_count: config.snapshot_count,
+            election_ticks: config.election_ticks as u64,
+            ticks: 0,
+        };
+        tokio::spawn(run(driver, rx, config.heartbeat));
+        Ok(Self {
+            inbox: tx,
+            shared,
+            request_timeout: config.request_timeout,
+            cluster_id: config.cluster_id,
+        })
+    }
+
+    /// The gRPC service peers send raft messages to.
+    pub fn peer_service(&self) -> transport::PeerService {
+        transport::PeerService {
+            member_id: self.shared.member_id,
+            cluster_id: self.cluster_id,
+            inbox: self.inbox.clone(),
+        }
+    }
+
+    /// Stops the raft loop after the inputs already queued. Later calls fail with
+    /// `Error::Stopped`.
+    pub async fn close(&self) {
+        let (ack, done) = oneshot::channel();
+        if self.inbox.send(Input::Close(ack)).await.is_ok() {
+            let _ = done.await;
+        }
+        self.shared.stopped.store(true, Ordering::SeqCst);
+    }
+
+    pub fn fatal(&self) -> watch::Receiver<Option<String>> {
+        self.shared.fatal.subscribe()
+    }
+
+    /// Asks the leader to hand leadership to `target`.
+    pub async fn transfer_leader(&self, target: u64) -> Result<()> {
+        self.inbox
+            .send(Input::TransferLeader(target))
+            .await
+            .map_err(|_| Error::Stopped)
+    }
+}
+
+impl Replicator for RaftNode {
+    fn propose(&self, mut request: InternalRequest) -> BoxFuture<'static, Result<ApplyResponse>> {
+        let inbox = self.inbox.clone();
+        let timeout = self.request_timeout;
+        let header = request.header.get_or_insert_with(Default::default);
+        if header.id == 0 {
+            header.id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        }
+        Box::pin(async move {
+            let (reply, answer) = oneshot::channel();
+            inbox
+                .send(Input::Propose(request, reply))
+                .await
+                .map_err(|_| Error::Stopped)?;
+            match tokio::time::timeout(timeout, answer).await {
+                Ok(answer) => answer.map_err(|_| Error::Stopped)?,
+                Err(_) => Err(Error::Timeout),
+            }
+        })
+    }
+
+    fn read_barrier(&self) -> BoxFuture<'static, Result<()>> {
+        let inbox = self.inbox.clone();
+        let timeout = self.request_timeout;
+        Box::pin(async move {
+            let (reply, answer) = oneshot::channel();
+            inbox
+                .send(Input::Read(reply))
+                .await
+                .map_err(|_| Error::Stopped)?;
+            match tokio::time::timeout(timeout, answer).await {
+                Ok(answer) => answer.map_err(|_| Error::Stopped)?,
+                Err(_) => Err(Error::Timeout),
+            }
+        })
+    }
+
+    fn status(&self) -> ReplicaStatus {
+        ReplicaStatus {
+            leader: self.shared.leader.load(Ordering::SeqCst),
+            term: self.shared.term.load(Ordering::SeqCst),
+            commit_index: self.shared.commit_index.load(Ordering::SeqCst),
+            applied_index: self.shared.applied_index.load(Ordering::SeqCst),
+        }
+    }
+}
+
+type Readers = Vec<oneshot::Sender<Result<()>>>;
+
+/// Linearizable readers waiting on ReadIndex rounds.
+#[derive(Default)]
+struct Reads {
+    /// Arrived since the current round was issued: they need the next round.
+    queued: Readers,
+    /// The round in flight: its context, its readers, and the tick it was issued at.
+    inflight: Option<(u64, Readers, u64)>,
+    /// Rounds answered by raft, waiting for the apply index to reach theirs.
+    confirmed: VecDeque<(u64, Readers)>,
+    next_ctx: u64,
+}
+
+struct Driver {
+    node: RawNode<RaftStorage>,
+    state: SharedState,
+    engine: Arc<dyn Backend>,
+    events: Arc<dyn EventSink>,
+    shared: Arc<Shared>,
+    transport: Transport,
+    /// Local proposers by request ID, answered when their entry is applied here.
+    waiters: HashMap<u64, oneshot::Sender<Result<ApplyResponse>>>,
+    /// Proposals raft refused for lack of a leader; retried when one is known.
+    stalled: Vec<(u64, Vec<u8>)>,
+    reads: Reads,
+    snapshot_count: u64,
+    election_ticks: u64,
+    ticks: u64,
+}
+
+async fn run(mut driver: Driver, mut inbox: mpsc::Receiver<Input>, heartbeat: Duration) {
+    let mut ticker = tokio::time::interval(heartbeat);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut closing = None;
+    let shared = driver.shared.clone();
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => driver.tick(),
+            input = inbox.recv() => {
+                let Some(input) = input else { break };
+                if let Some(ack) = driver.handle(input) {
+                    closing = Some(ack);
+                }
+                let mut handled = 1;
+                while closing.is_none() && handled < MAX_INPUTS_PER_TURN {
+                    match inbox.try_recv() {
+                        Ok(input) => {
+                            if let Some(ack) = driver.handle(input) {
+                                closing = Some(ack);
+                            }
+                            handled += 1;
+                        }
+                        Err(_) => break,
+                    }
+                }
+            }
+        }
+        if driver.node.has_ready() {
+            let done = blocking(move || {
+                let result = driver.on_ready();
+                (driver, result)
+            })
+            .await;
+            match done {
+                Ok((d, Ok(()))) => driver = d,
+                Ok((_, Err(e))) => {
+                    shared.fail(e.to_string());
+                    break;
+                }
+                Err(why) => {
+                    shared.fail(format!("raft loop panicked: {why}"));
+                    break;
+                }
+            }
+        }
+        if closing.is_some() {
+            break;
+        }
+    }
+    shared.stopped.store(true, Ordering::SeqCst);
+    inbox.close();
+    while let Ok(input) = inbox.try_recv() {
+        match input {
+            Input::Propose(_, reply) => {
+                let _ = reply.send(Err(Error::Stopped));
+            }
+            Input::Read(reply) => {
+                let _ = reply.send(Err(Error::Stopped));
+            }
+            Input::Close(ack) => {
+                let _ = ack.send(());
+            }
+            _ => {}
+        }
+    }
+    if let Some(ack) = closing {
+        let _ = ack.send(());
+    }
+}
+
+/// Runs storage and apply work off the async worker threads. Under simulation there are
+/// no blocking threads, so it runs inline.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::result::Result<T, String> {
+    #[cfg(not(madsim))]
+    {
+        tokio::task::spawn_blocking(f)
+            .await
+            .map_err(|e| e.to_string())
+    }
+    #[cfg(madsim)]
+    {
+        Ok(f())
+    }
+}
+
+impl Driver {
+    fn tick(&mut self) {
+        self.ticks += 1;
+        self.node.tick();
+        let leader = self.node.raft.leader_id;
+        if leader != 0 && !self.stalled.is_empty() {
+            for (id, data) in std::mem::take(&mut self.stalled) {
+                // A proposer that gave up (timed out) takes its proposal with it.
+                if self.waiters.get(&id).is_none_or(|w| w.is_closed()) {
+                    self.waiters.remove(&id);
+                    continue;
+                }
+                if self.node.propose(Vec::new(), data.clone()).is_err() {
+                    self.stalled.push((id, data));
+                }
+            }
+        }
+        // A ReadIndex round can be lost (no leader, a dropped message): ask again.
+        if let Some((_, _, issued)) = &self.reads.inflight {
+            if self.ticks - issued >= self.election_ticks {
+                let (_, readers, _) = self.reads.inflight.take().unwrap();
+                self.reads.queued.splice(0..0, readers);
+                self.issue_read();
+            }
+        }
+        if self.ticks.is_multiple_of(64) {
+            self.waiters.retain(|_, reply| !reply.is_closed());
+            self.reads.queued.retain(|r| !r.is_closed());
+        }
+        self.publish_status();
+    }
+
+    /// Handles one input; returns the acknowledgement channel of a close request.
+    fn handle(&mut self, input: Input) -> Option<oneshot::Sender<()>> {
+        match input {
+            Input::Propose(request, reply) => {
+                let id = request.header.as_ref().map_or(0, |h| h.id);
+                let data = request.encode_to_vec();
+                self.waiters.insert(id, reply);
+                if self.node.propose(Vec::new(), data.clone()).is_err() {
+                    // No leader known yet: hold it until there is one (the proposer's
+                    // timeout bounds the wait).
+                    self.stalled.push((id, data));
+                }
+            }
+            Input::Read(reply) => {
+                self.reads.queued.push(reply);
+                if self.reads.inflight.is_none() {
+                    self.issue_read();
+                }
+            }
+            Input::Step(message) => {
+                let _ = self.node.step(message);
+            }
+            Input::Unreachable(id) => self.node.report_unreachable(id),
+            Input::SnapshotStatus(id, status) => self.node.report_snapshot(id, status),
+            Input::TransferLeader(target) => self.node.transfer_leader(target),
+            Input::Close(ack) => return Some(ack),
+        }
+        None
+    }
+
+    fn issue_read(&mut self) {
+        if self.reads.queued.is_empty() {
+            return;
+        }
+        self.reads.next_ctx += 1;
+        let ctx = self.reads.next_ctx;
+        let readers = std::mem::take(&mut self.reads.queued);
+        self.reads.inflight = Some((ctx, readers, self.ticks));
+        self.node.read_index(ctx.to_be_bytes().to_vec());
+    }
+
+    fn publish_status(&self) {
+        let raft = &self.node.raft;
+        let leader = if raft.state == StateRole::Leader {
+            self.shared.member_id
+        } else {
+            raft.leader_id
+        };
+        self.shared.leader.store(leader, Ordering::SeqCst);
+        self.shared.term.store(raft.term, Ordering::SeqCst);
+        self.shared
+            .commit_index
+            .store(raft.raft_log.committed, Ordering::SeqCst);
+    }
+
+    fn on_ready(&mut self) -> Result<()> {
+        let mut ready = self.node.ready();
+        // A leader may send before persisting (raft's thesis, 10.2.1).
+        self.transport.send(ready.take_messages());
+
+        if !ready.snapshot().is_empty() {
+            self.install_snapshot(ready.snapshot().clone())?;
+        }
+
+        // One durable write per Ready: new entries and the hard state together. It goes
+        // before the apply below, so applied state is never durable ahead of the commit
+        // index that covers it.
+        let mut batch = WriteBatch::new();
+        self.node.mut_store().append(ready.entries(), &mut batch)?;
+        if let Some(hs) = ready.hs() {
+            self.node.mut_store().set_hard_state(hs.clone(), &mut batch);
+        }
+        if !batch.is_empty() {
+            batch.sync = true;
+            self.engine.write(batch)?;
+        }
+        // Status must never show an applied index above the committed one.
+        self.publish_status();
+        self.apply(ready.take_committed_entries())?;
+        self.transport.send(ready.take_persisted_messages());
+        self.confirm_reads(ready.take_read_states());
+
+        let mut light = self.node.advance(ready);
+        if let Some(commit) = light.commit_index() {
+            let mut batch = WriteBatch::new();
+            self.node.mut_store().set_commit(commit, &mut batch);
+            self.engine.write(batch)?;
+            self.publish_status();
+        }
+        self.transport.send(light.take_messages());
+        self.apply(light.take_committed_entries())?;
+        self.node.advance_apply();
+        self.release_reads();
+        self.maybe_compact()?;
+        self.publish_status();
+        Ok(())
+    }
+
+    fn install_snapshot(&mut self, snapshot: Snapshot) -> Result<()> {
+        let meta = snapshot.get_metadata().clone();
+        let records = storage::snapshot_records(&snapshot.data)?;
+        tracing::info!(
+            index = meta.index,
+            term = meta.term,
+            "installing a snapshot"
+        );
+        {
+            let mut sm = self.state.write().map_err(|_| Error::Stopped)?;
+            sm.restore(meta.index, records)?;
+        }
+        let mut batch = WriteBatch::new();
+        self.node.mut_store().install_snapshot(&meta, &mut batch);
+        batch.sync = true;
+        self.engine.write(batch)?;
+        self.shared
+            .applied_index
+            .store(meta.index, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Applies committed entries in order and answers their local proposers.
+    fn apply(&mut self, entries: Vec<Entry>) -> Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut answers = Vec::new();
+        let mut conf_batch = WriteBatch::new();
+        let mut last = 0;
+        {
+            let mut sm = self.state.write().map_err(|_| Error::Stopped)?;
+            for entry in entries {
+                last = entry.index;
+                match entry.get_entry_type() {
+                    EntryType::EntryNormal if entry.data.is_empty() => sm.skip(entry.index)?,
+                    EntryType::EntryNormal => {
+                        let request = InternalRequest::decode(&entry.data[..]).map_err(|e| {
+                            Error::Storage(format!("raft entry {}: {e}", entry.index))
+                        })?;
+                        let mut applied = sm.apply(entry.index, &request);
+                        if let Err(e) = &applied.result {
+                            if matches!(
+                                e,
+                                metastore_core::Error::Backend(_)
+                                    | metastore_core::Error::Corrupt(_)
+                            ) {
+                                return Err(Error::Storage(format!(
+                                    "applying entry {}: {e}",
+                                    entry.index
+                                )));
+                            }
+                        }
+                        if !applied.events.is_empty() {
+                            self.events.publish(std::mem::take(&mut applied.events));
+                        }
+                        let id = request.header.as_ref().map_or(0, |h| h.id);
+                        if let Some(reply) = self.waiters.remove(&id) {
+                            answers.push((reply, applied.result.map_err(Error::Core)));
+                        }
+                    }
+                    EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
+                        let cs = if entry.get_entry_type() == EntryType::EntryConfChange {
+                            let cc = ConfChange::parse_from_bytes(&entry.data)
+                                .map_err(|e| Error::Storage(e.to_string()))?;
+                            self.node.apply_conf_change(&cc)
+                        } else {
+                            let cc = ConfChangeV2::parse_from_bytes(&entry.data)
+                                .map_err(|e| Error::Storage(e.to_string()))?;
+                            self.node.apply_conf_change(&cc)
+                        };
+                        match cs {
+                            Ok(cs) => self.node.mut_store().set_conf_state(cs, &mut conf_batch),
+                            Err(e) => tracing::warn!(error = %e, "refused conf change"),
+                        }
+                        sm.skip(entry.index)?;
+                    }
+                }
+            }
+            self.shared
+                .applied_index
+                .store(sm.applied_index(), Ordering::SeqCst);
+        }
+        if !conf_batch.is_empty() {
+            self.engine.write(conf_batch)?;
+        }
+        self.node.mut_store().set_applied(last);
+        for (reply, answer) in answers {
+            let _ = reply.send(answer);
+        }
+        Ok(())
+    }
+
+    fn confirm_reads(&mut self, states: Vec<raft::ReadState>) {
+        for rs in states {
+            let Ok(ctx) = <[u8; 8]>::try_from(rs.request_ctx.as_slice()) else {
+                continue;
+            };
+            let ctx = u64::from_be_bytes(ctx);
+            if matches!(&self.reads.inflight, Some((c, _, _)) if *c == ctx) {
+                let (_, readers, _) = self.reads.inflight.take().unwrap();
+                self.reads.confirmed.push_back((rs.index, readers));
+            }
+        }
+    }
+
+    /// Answers readers whose read index is applied, and starts the next round.
+    fn release_reads(&mut self) {
+        let applied = self.shared.applied_index.load(Ordering::SeqCst);
+        while let Some((index, _)) = self.reads.confirmed.front() {
+            if *index > applied {
+                break;
+            }
+            let (_, readers) = self.reads.confirmed.pop_front().unwrap();
+            for r in readers {
+                let _ = r.send(Ok(()));
+            }
+        }
+        if self.reads.inflight.is_none() {
+            self.issue_read();
+        }
+    }
+
+    /// Compacts the raft log once `--snapshot-count` entries were applied since the last
+    /// compaction, keeping some entries for followers that lag a little.
+    fn maybe_compact(&mut self) -> Result<()> {
+        let applied = self.shared.applied_index.load(Ordering::SeqCst);
+        let store = self.node.store();
+        let first = store.first();
+        if applied < first || applied - first < self.snapshot_count {
+            return Ok(());
+        }
+        let keep = CATCH_UP_ENTRIES.min(self.snapshot_count);
+        let to = applied.saturating_sub(keep);
+        if to < first {
+            return Ok(());
+        }
+        let mut batch = WriteBatch::new();
+        self.node.mut_store().compact(to, &mut batch)?;
+        self.engine.write(batch)?;
+        tracing::info!(compacted_to = to, applied, "compacted the raft log");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::RwLock;
+
+    use metastore_core::backend::ScanVisitor;
+    use metastore_core::{
+        BackendError, BatchOp, Bucket, MemoryBackend, StateMachine, StateMachineConfig,
+    };
+    use metastore_proto::etcdserverpb::{PutRequest, RangeRequest};
+    use metastore_proto::metastore::internal_request::Request;
+    use metastore_proto::mvccpb;
+
+    use super::*;
+    use crate::replication::NoEvents;
+
+    /// A memory engine that counts durable raft log appends and can be told to fail
+    /// writes.
+    #[derive(Clone, Default)]
+    struct Counting {
+        inner: Arc<MemoryBackend>,
+        log_syncs: Arc<AtomicUsize>,
+        fail: Arc<AtomicBool>,
+    }
+
+    impl Backend for Counting {
+        fn get(
+            &self,
+            bucket: Bucket,
+            key: &[u8],
+        ) -> std::result::Result<Option<Vec<u8>>, BackendError> {
+            self.inner.get(bucket, key)
+        }
+        fn scan(
+            &self,
+            bucket: Bucket,
+            start: &[u8],
+            end: Option<&[u8]>,
+            visit: &mut ScanVisitor<'_>,
+        ) -> std::result::Result<(), BackendError> {
+            self.inner.scan(bucket, start, end, visit)
+        }
+        fn write(&self, batch: WriteBatch) -> std::result::Result<(), BackendError> {
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(BackendError("injected failure".into()));
+            }
+            let appends = batch.ops.iter().any(
+                |op| matches!(op, BatchOp::Put { bucket: Bucket::Log, key, .. } if key[0] == b'r'),
+            );
+            if batch.sync && appends {
+                self.log_syncs.fetch_add(1, Ordering::SeqCst);
+            }
+            self.inner.write(batch)
+        }
+        fn size_bytes(&self) -> u64 {
+            self.inner.size_bytes()
+        }
+        fn engine_name(&self) -> &'static str {
+            "counting"
+        }
+    }
+
+    const ME: u64 = 7;
+
+    fn config() -> RaftConfig {
+        RaftConfig {
+            member_id: ME,
+            cluster_id: 1,
+            members: HashMap::from([(ME, vec!["http://127.0.0.1:1".to_string()])]),
+            bootstrap: true,
+            heartbeat: Duration::from_millis(10),
+            election_ticks: 10,
+            snapshot_count: 100_000,
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+
+    fn open_with(
+        engine: &Counting,
+        config: RaftConfig,
+        events: Arc<dyn EventSink>,
+    ) -> (SharedState, RaftNode) {
+        let sm =
+            StateMachine::open(Box::new(engine.clone()), StateMachineConfig::default()).unwrap();
+        let state = Arc::new(RwLock::new(sm));
+        let node = RaftNode::open(config, state.clone(), Arc::new(engine.clone()), events).unwrap();
+        (state, node)
+    }
+
+    fn open(engine: &Counting) -> (SharedState, RaftNode) {
+        open_with(engine, config(), Arc::new(NoEvents))
+    }
+
+    fn put(key: &str) -> InternalRequest {
+        InternalRequest {
+            request: Some(Request::Put(PutRequest {
+                key: key.as_bytes().to_vec(),
+                value: b"v".to_vec(),
+                ..Default::default()
+            })),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_proposals_share_durable_writes() {
+        let engine = Counting::default();
+        let (state, node) = open(&engine);
+        let node = Arc::new(node);
+        // The sole voter elects itself and commits its empty entry first.
+        node.read_barrier().await.unwrap();
+        let before = engine.log_syncs.load(Ordering::SeqCst);
+        let n = 200;
+        let proposals: Vec<_> = (0..n)
+            .map(|i| node.propose(put(&format!("k{i}"))))
+            .collect();
+        let results = futures::future::join_all(proposals).await;
+        assert!(results
+            .iter()
+            .all(|r| matches!(r, Ok(ApplyResponse::Put(_)))));
+        let syncs = engine.log_syncs.load(Ordering::SeqCst) - before;
+        assert!(syncs < n / 4, "{syncs} durable appends for {n} proposals");
+        let status = node.status();
+        assert_eq!(status.leader, ME);
+        // Bootstrapped in term 1, elected in term 2, as etcd reports a new member.
+        assert_eq!(status.term, 2);
+        assert_eq!(status.applied_index, status.commit_index);
+        assert_eq!(read_state(&state).unwrap().current_revision(), 1 + n as i64);
+        node.close().await;
+        assert!(matches!(
+            node.propose(put("late")).await,
+            Err(Error::Stopped)
+        ));
+    }
+
+    /// Collects published events, as the watch hub would.
+    #[derive(Default)]
+    struct Recording(std::sync::Mutex<Vec<Vec<mvccpb::Event>>>);
+
+    impl EventSink for Recording {
+        fn publish(&self, events: Vec<mvccpb::Event>) {
+            self.0.lock().unwrap().push(events);
+        }
+    }
+
+    #[tokio::test]
+    async fn applied_events_reach_the_sink_in_log_order() {
+        let engine = Counting::default();
+        let sink = Arc::new(Recording::default());
+        let (_state, node) = open_with(&engine, config(), sink.clone());
+        let node = Arc::new(node);
+        let proposals: Vec<_> = (0..50)
+            .map(|i| node.propose(put(&format!("k{i}"))))
+            .collect();
+        futures::future::join_all(proposals).await;
+        // A read produces no events and publishes nothing.
+        node.propose(InternalRequest {
+            request: Some(Request::Range(RangeRequest {
+                key: b"k1".to_vec(),
+                ..Default::default()
+            })),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        node.close().await;
+        let published = sink.0.lock().unwrap();
+        assert_eq!(published.len(), 50);
+        for (i, events) in published.iter().enumerate() {
+            assert_eq!(events.len(), 1);
+            assert_eq!(events[0].kv.as_ref().unwrap().mod_revision, 2 + i as i64);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_restart_keeps_the_log_and_starts_a_new_term() {
+        let engine = Counting::default();
+        {
+            let (_state, node) = open(&engine);
+            for i in 0..10 {
+                node.propose(put(&format!("k{i}"))).await.unwrap();
+            }
+            node.close().await;
+        }
+        let (state, node) = open(&engine);
+        node.read_barrier().await.unwrap();
+        let status = node.status();
+        assert_eq!(status.term, 3);
+        assert_eq!(read_state(&state).unwrap().current_revision(), 11);
+        node.propose(put("after")).await.unwrap();
+        assert_eq!(read_state(&state).unwrap().current_revision(), 12);
+        node.close().await;
+    }
+
+    #[tokio::test]
+    async fn committed_entries_not_yet_applied_are_applied_on_restart() {
+        let engine = Counting::default();
+        let (state, node) = open(&engine);
+        node.propose(put("a")).await.unwrap();
+        node.close().await;
+        // Roll the state machine back to before the put, as if the apply batch had been
+        // lost in a crash after the log append was synced.
+        let applied = read_state(&state).unwrap().applied_index();
+        let mut batch = WriteBatch::new();
+        let mut keys = Vec::new();
+        engine
+            .scan(Bucket::Key, b"", None, &mut |k, _| {
+                keys.push(k.to_vec());
+                true
+            })
+            .unwrap();
+        for k in keys {
+            batch.delete(Bucket::Key, k);
+        }
+        batch.put(
+            Bucket::Meta,
+            metastore_core::state::CONSISTENT_INDEX_KEY.to_vec(),
+            (applied - 1).to_be_bytes().to_vec(),
+        );
+        engine.write(batch).unwrap();
+
+        let (state, node) = open(&engine);
+        node.read_barrier().await.unwrap();
+        {
+            let sm = read_state(&state).unwrap();
+            assert!(sm.applied_index() >= applied);
+            let r = sm
+                .range(&RangeRequest {
+                    key: b"a".to_vec(),
+                    ..Default::default()
+                })
+                .unwrap();
+            assert_eq!(r.kvs.len(), 1);
+        }
+        node.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_small_snapshot_count_compacts_the_log() {
+        let engine = Counting::default();
+        let mut config = config();
+        config.snapshot_count = 10;
+        let (_state, node) = open_with(&engine, config, Arc::new(NoEvents));
+        for i in 0..40 {
+            node.propose(put(&format!("k{i}"))).await.unwrap();
+        }
+        node.close().await;
+        let mut entries = Vec::new();
+        engine
+            .scan(Bucket::Log, b"r", Some(b"s"), &mut |k, _| {
+                entries.push(u64::from_be_bytes(k[1..].try_into().unwrap()));
+                true
+            })
+            .unwrap();
+        assert!(entries.len() <= 21, "{entries:?}");
+        // The compacted log still restarts.
+        let (state, node) = open(&engine);
+        node.read_barrier().await.unwrap();
+        assert_eq!(read_state(&state).unwrap().current_revision(), 41);
+        node.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_stops_the_member() {
+        let engine = Counting::default();
+        let (_state, node) = open(&engine);
+        node.read_barrier().await.unwrap();
+        let mut fatal = node.fatal();
+        engine.fail.store(true, Ordering::SeqCst);
+        let result = node.propose(put("a")).await;
+        assert!(matches!(result, Err(Error::Stopped)), "{result:?}");
+        fatal.wait_for(Option::is_some).await.unwrap();
+        assert!(matches!(node.propose(put("b")).await, Err(Error::Stopped)));
+        assert!(node.read_barrier().await.is_err());
+    }
+}

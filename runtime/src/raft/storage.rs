@@ -1,0 +1,399 @@
+//! Raft's durable log and hard state, kept in the `log` bucket of the member's engine, and
+//! the state-machine snapshots raft asks for.
+//!
+//! This module owns the on-disk layout of the raft log: entry `i` under `r` + big-endian
+//! `i`, the hard state, the conf state and the compaction point under `s/...` keys. It
+//! keeps the terms of the stored entries in memory (raft asks for them constantly) and
+//! reads entries from the engine. It must never make a write durable on its own: the
+//! driver collects each change into the `WriteBatch` of its `Ready` and syncs once, so
+//! entries and hard state become durable together; and it must never hand raft an entry
+//! that is not in the engine's batch order (memory is updated before the batch is
+//! written, and a failed write stops the member).
+
+use std::collections::VecDeque;
+
+use metastore_core::state::snapshot::state_bucket;
+use metastore_core::{Backend, Bucket, WriteBatch};
+use metastore_proto::metastore::{SnapshotRecord, StateSnapshot};
+use prost::Message as _;
+use protobuf::Message as _;
+use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
+use raft::{GetEntriesContext, RaftState, StorageError};
+
+use crate::error::{Error, Result};
+use crate::replication::{read_state, SharedState};
+
+/// One record of a snapshot: bucket, key, value.
+pub type Record = (Bucket, Vec<u8>, Vec<u8>);
+
+const HARD_STATE_KEY: &[u8] = b"s/hard";
+const CONF_STATE_KEY: &[u8] = b"s/conf";
+/// The last entry removed by compaction (or installed by a snapshot): its index and term.
+const COMPACTED_KEY: &[u8] = b"s/compacted";
+
+fn entry_key(index: u64) -> [u8; 9] {
+    let mut key = [0u8; 9];
+    key[0] = b'r';
+    key[1..].copy_from_slice(&index.to_be_bytes());
+    key
+}
+const ENTRY_END: &[u8] = b"s";
+
+fn storage_error(e: impl std::fmt::Display) -> raft::Error {
+    raft::Error::Store(StorageError::Other(Box::new(Error::Storage(e.to_string()))))
+}
+
+/// The raft log of one member.
+pub struct RaftStorage {
+    engine: std::sync::Arc<dyn Backend>,
+    state: SharedState,
+    hard_state: HardState,
+    conf_state: ConfState,
+    /// Index and term of the last compacted (or snapshot-installed) entry.
+    compacted: (u64, u64),
+    /// Terms of the stored entries, `compacted.0 + 1 ..= last`.
+    terms: VecDeque<u64>,
+    /// The last entry applied to the state machine and its term, for snapshots.
+    applied: (u64, u64),
+}
+
+impl RaftStorage {
+    /// Loads the log from the engine. `bootstrap` gives the conf state (and a starting
+    /// term) for a member whose log is empty and that starts a new cluster.
+    pub fn open(
+        engine: std::sync::Arc<dyn Backend>,
+        state: SharedState,
+        bootstrap: Option<(ConfState, u64)>,
+    ) -> Result<Self> {
+        let decode_err = |what: &str, e: protobuf::ProtobufError| {
+            Error::Storage(format!("undecodable raft {what}: {e}"))
+        };
+        let mut hard_state = match engine.get(Bucket::Log, HARD_STATE_KEY)? {
+            Some(b) => HardState::parse_from_bytes(&b).map_err(|e| decode_err("hard state", e))?,
+            None => HardState::default(),
+        };
+        let mut conf_state = match engine.get(Bucket::Log, CONF_STATE_KEY)? {
+            Some(b) => ConfState::parse_from_bytes(&b).map_err(|e| decode_err("conf state", e))?,
+            None => ConfState::default(),
+        };
+        let compacted = match engine.get(Bucket::Log, COMPACTED_KEY)? {
+            Some(b) if b.len() == 16 => (
+                u64::from_be_bytes(b[..8].try_into().unwrap()),
+                u64::from_be_bytes(b[8..].try_into().unwrap()),
+            ),
+            Some(_) => return Err(Error::Storage("malformed raft compaction point".into())),
+            None => (0, 0),
+        };
+        let mut terms = VecDeque::new();
+        let mut expected = compacted.0 + 1;
+        let mut bad = None;
+        engine.scan(
+            Bucket::Log,
+            &entry_key(expected),
+            Some(ENTRY_END),
+            &mut |k, v| match Entry::parse_from_bytes(v) {
+                Ok(e) if k == entry_key(e.index) && e.index == expected => {
+                    terms.push_back(e.term);
+                    expected += 1;
+                    true
+                }
+                Ok(e) => {
+                    bad = Some(format!("raft log entry {} out of place", e.index));
+                    false
+                }
+                Err(e) => {
+                    bad = Some(format!("undecodable raft log entry: {e}"));
+                    false
+                }
+            },
+        )?;
+        if let Some(bad) = bad {
+            return Err(Error::Storage(bad));
+        }
+        let applied_index = read_state(&state)?.applied_index();
+        let mut storage = Self {
+            engine,
+            state,
+            hard_state: HardState::default(),
+            conf_state: ConfState::default(),
+            compacted,
+            terms,
+            applied: (0, 0),
+        };
+        if conf_state == ConfState::default() {
+            if let Some((initial, term)) = bootstrap {
+                let mut batch = WriteBatch::new();
+                conf_state = initial;
+                hard_state.term = hard_state.term.max(term);
+                batch.put(
+                    Bucket::Log,
+                    CONF_STATE_KEY,
+                    conf_state.write_to_bytes().unwrap(),
+                );
+                batch.put(
+                    Bucket::Log,
+                    HARD_STATE_KEY,
+                    hard_state.write_to_bytes().unwrap(),
+                );
+                batch.sync = true;
+                storage.engine.write(batch)?;
+            }
+        }
+        storage.hard_state = hard_state;
+        storage.conf_state = conf_state;
+        let applied_term = storage
+            .term_of(applied_index)
+            .unwrap_or(storage.compacted.1);
+        storage.applied = (applied_index, applied_term);
+        Ok(storage)
+    }
+
+    pub fn hard_state(&self) -> &HardState {
+        &self.hard_state
+    }
+
+    pub fn conf_state(&self) -> &ConfState {
+        &self.conf_state
+    }
+
+    /// Whether this member has ever been part of a configuration (a member started with
+    /// `--initial-cluster-state existing` has not, until a snapshot arrives).
+    pub fn initialized(&self) -> bool {
+        self.conf_state != ConfState::default()
+    }
+
+    pub fn first(&self) -> u64 {
+        self.compacted.0 + 1
+    }
+
+    pub fn last(&self) -> u64 {
+        self.compacted.0 + self.terms.len() as u64
+    }
+
+    fn term_of(&self, index: u64) -> Option<u64> {
+        if index == self.compacted.0 {
+            return Some(self.compacted.1);
+        }
+        if index < self.compacted.0 || index > self.last() {
+            return None;
+        }
+        self.terms
+            .get((index - self.compacted.0 - 1) as usize)
+            .copied()
+    }
+
+    /// Appends entries (replacing any conflicting suffix) into `batch`.
+    pub fn append(&mut self, entries: &[Entry], batch: &mut WriteBatch) -> Result<()> {
+        let Some(first) = entries.first() else {
+            return Ok(());
+        };
+        if first.index <= self.compacted.0 || first.index > self.last() + 1 {
+            return Err(Error::Internal(format!(
+                "raft appended entry {} to a log holding {}..={}",
+                first.index,
+                self.first(),
+                self.last()
+            )));
+        }
+        for index in first.index..=self.last() {
+            batch.delete(Bucket::Log, entry_key(index).to_vec());
+        }
+        self.terms
+            .truncate((first.index - self.compacted.0 - 1) as usize);
+        for e in entries {
+            batch.put(
+                Bucket::Log,
+                entry_key(e.index).to_vec(),
+                e.write_to_bytes()
+                    .map_err(|e| Error::Internal(e.to_string()))?,
+            );
+            self.terms.push_back(e.term);
+        }
+        Ok(())
+    }
+
+    pub fn set_hard_state(&mut self, hs: HardState, batch: &mut WriteBatch) {
+        batch.put(Bucket::Log, HARD_STATE_KEY, hs.write_to_bytes().unwrap());
+        self.hard_state = hs;
+    }
+
+    pub fn set_commit(&mut self, commit: u64, batch: &mut WriteBatch) {
+        let mut hs = self.hard_state.clone();
+        hs.commit = commit;
+        self.set_hard_state(hs, batch);
+    }
+
+    pub fn set_conf_state(&mut self, cs: ConfState, batch: &mut WriteBatch) {
+        batch.put(Bucket::Log, CONF_STATE_KEY, cs.write_to_bytes().unwrap());
+        self.conf_state = cs;
+    }
+
+    /// Notes the last applied entry (snapshots are taken at it).
+    pub fn set_applied(&mut self, index: u64) {
+        if let Some(term) = self.term_of(index) {
+            self.applied = (index, term);
+        }
+    }
+
+    /// Removes entries up to and including `index` (which must be applied).
+    pub fn compact(&mut self, index: u64, batch: &mut WriteBatch) -> Result<()> {
+        if index <= self.compacted.0 {
+            return Ok(());
+        }
+        if index > self.applied.0 {
+            return Err(Error::Internal(format!(
+                "compacting the raft log to {index} beyond the applied {}",
+                self.applied.0
+            )));
+        }
+        let term = self.term_of(index).expect("applied entries are stored");
+        for i in self.first()..=index {
+            batch.delete(Bucket::Log, entry_key(i).to_vec());
+        }
+        self.terms.drain(..(index - self.compacted.0) as usize);
+        self.compacted = (index, term);
+        batch.put(Bucket::Log, COMPACTED_KEY, compaction_point(index, term));
+        Ok(())
+    }
+
+    /// Takes an installed snapshot's place in the log: every entry goes, the log restarts
+    /// after the snapshot.
+    pub fn install_snapshot(&mut self, meta: &SnapshotMetadata, batch: &mut WriteBatch) {
+        for i in self.first()..=self.last() {
+            batch.delete(Bucket::Log, entry_key(i).to_vec());
+        }
+        self.terms.clear();
+        self.compacted = (meta.index, meta.term);
+        self.applied = (meta.index, meta.term);
+        batch.put(
+            Bucket::Log,
+            COMPACTED_KEY,
+            compaction_point(meta.index, meta.term),
+        );
+        let mut hs = self.hard_state.clone();
+        hs.term = hs.term.max(meta.term);
+        hs.commit = hs.commit.max(meta.index);
+        self.set_hard_state(hs, batch);
+        self.set_conf_state(meta.get_conf_state().clone(), batch);
+    }
+
+    /// Encodes the whole replicated state at the applied index as a raft snapshot.
+    fn build_snapshot(&self) -> Result<Snapshot> {
+        let sm = read_state(&self.state)?;
+        let mut records = Vec::new();
+        sm.snapshot_records(&mut |bucket, key, value| {
+            records.push(SnapshotRecord {
+                bucket: bucket.name().to_string(),
+                key: key.to_vec(),
+                value: value.to_vec(),
+            })
+        })?;
+        let mut snapshot = Snapshot {
+            data: StateSnapshot { records }.encode_to_vec().into(),
+            ..Default::default()
+        };
+        let meta = snapshot.mut_metadata();
+        meta.index = self.applied.0;
+        meta.term = self.applied.1;
+        meta.set_conf_state(self.conf_state.clone());
+        Ok(snapshot)
+    }
+}
+
+fn compaction_point(index: u64, term: u64) -> Vec<u8> {
+    let mut v = index.to_be_bytes().to_vec();
+    v.extend_from_slice(&term.to_be_bytes());
+    v
+}
+
+/// Decodes a received snapshot's data into the records `StateMachine::restore` takes.
+pub fn snapshot_records(data: &[u8]) -> Result<Vec<Record>> {
+    let snapshot = StateSnapshot::decode(data)
+        .map_err(|e| Error::Storage(format!("undecodable snapshot: {e}")))?;
+    snapshot
+        .records
+        .into_iter()
+        .map(|r| {
+            let bucket = state_bucket(&r.bucket)
+                .ok_or_else(|| Error::Storage(format!("snapshot bucket {:?}", r.bucket)))?;
+            Ok((bucket, r.key, r.value))
+        })
+        .collect()
+}
+
+impl raft::Storage for RaftStorage {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        Ok(RaftState::new(
+            self.hard_state.clone(),
+            self.conf_state.clone(),
+        ))
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        if low <= self.compacted.0 {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if high > self.last() + 1 {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        let max_size = max_size.into();
+        let mut entries = Vec::with_capacity((high - low) as usize);
+        let mut size = 0u64;
+        let mut failed = None;
+        self.engine
+            .scan(
+                Bucket::Log,
+                &entry_key(low),
+                Some(&entry_key(high)),
+                &mut |_, v| match Entry::parse_from_bytes(v) {
+                    Ok(e) => {
+                        size += v.len() as u64;
+                        // Like raft's `limit_size`: always at least one entry.
+                        if !entries.is_empty() && max_size.is_some_and(|m| size > m) {
+                            return false;
+                        }
+                        entries.push(e);
+                        true
+                    }
+                    Err(e) => {
+                        failed = Some(e.to_string());
+                        false
+                    }
+                },
+            )
+            .map_err(storage_error)?;
+        if let Some(e) = failed {
+            return Err(storage_error(e));
+        }
+        if entries.is_empty() && low < high {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        Ok(entries)
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        if idx < self.compacted.0 {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        self.term_of(idx)
+            .ok_or(raft::Error::Store(StorageError::Unavailable))
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(self.first())
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        Ok(self.last())
+    }
+
+    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        self.build_snapshot().map_err(storage_error)
+    }
+}

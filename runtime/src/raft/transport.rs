@@ -1,0 +1,256 @@
+//! The peer transport: raft messages between members over a gRPC stream per ordered pair.
+//!
+//! This module owns connections to peers (lazy, with reconnection and capped backoff),
+//! chunking of large messages (snapshots), and the receiving `Peer` service. It must never
+//! block the raft driver: sending is a `try_send` into a bounded per-peer queue, and a
+//! full queue or a dead peer drops messages (raft retransmits) and reports the peer
+//! unreachable, so one member being down does not slow the others. It must never deliver
+//! a message from another cluster or one addressed to another member.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use metastore_proto::metastore::peer_client::PeerClient;
+use metastore_proto::metastore::peer_server::Peer;
+use metastore_proto::metastore::{PeerAck, PeerMessage};
+use protobuf::Message as _;
+use raft::eraftpb::{Message, MessageType};
+use raft::SnapshotStatus;
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::Input;
+
+/// A raft message is cut into chunks of at most this size on the wire.
+const CHUNK_BYTES: usize = 1 << 20;
+/// Messages queued for one peer before new ones are dropped.
+const PEER_QUEUE: usize = 4096;
+/// The largest raft message a member accepts (a snapshot is one message).
+const MAX_MESSAGE_BYTES: usize = 8 << 30;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Senders to every other member.
+pub struct Transport {
+    peers: HashMap<u64, mpsc::Sender<Message>>,
+    inbox: mpsc::Sender<Input>,
+}
+
+impl Transport {
+    /// Starts one sending task per peer (`peers`: member ID → peer URLs, self excluded).
+    pub fn start(
+        member_id: u64,
+        cluster_id: u64,
+        peers: HashMap<u64, Vec<String>>,
+        inbox: mpsc::Sender<Input>,
+    ) -> Self {
+        let mut senders = HashMap::new();
+        for (id, urls) in peers {
+            let (tx, rx) = mpsc::channel(PEER_QUEUE);
+            senders.insert(id, tx);
+            tokio::spawn(send_loop(
+                Link {
+                    from: member_id,
+                    to: id,
+                    cluster_id,
+                    urls,
+                    inbox: inbox.clone(),
+                },
+                rx,
+            ));
+        }
+        Self {
+            peers: senders,
+            inbox,
+        }
+    }
+
+    /// Queues messages for their peers; never waits.
+    pub fn send(&self, messages: Vec<Message>) {
+        for m in messages {
+            let to = m.to;
+            let snapshot = m.get_msg_type() == MessageType::MsgSnapshot;
+            let queued = match self.peers.get(&to) {
+                Some(tx) => tx.try_send(m).is_ok(),
+                None => false,
+            };
+            if !queued {
+                let _ = self.inbox.try_send(Input::Unreachable(to));
+                if snapshot {
+                    let _ = self
+                        .inbox
+                        .try_send(Input::SnapshotStatus(to, SnapshotStatus::Failure));
+                }
+            }
+        }
+    }
+}
+
+struct Link {
+    from: u64,
+    to: u64,
+    cluster_id: u64,
+    urls: Vec<String>,
+    inbox: mpsc::Sender<Input>,
+}
+
+impl Link {
+    fn failed(&self, message: &Message) {
+        let _ = self.inbox.try_send(Input::Unreachable(self.to));
+        if message.get_msg_type() == MessageType::MsgSnapshot {
+            let _ = self
+                .inbox
+                .try_send(Input::SnapshotStatus(self.to, SnapshotStatus::Failure));
+        }
+    }
+
+    async fn connect(&self) -> Option<PeerClient<tonic::transport::Channel>> {
+        for url in &self.urls {
+            let Ok(endpoint) = tonic::transport::Endpoint::from_shared(url.clone()) else {
+                continue;
+            };
+            let endpoint = endpoint.connect_timeout(CONNECT_TIMEOUT).tcp_nodelay(true);
+            if let Ok(channel) = endpoint.connect().await {
+                return Some(
+                    PeerClient::new(channel)
+                        .max_encoding_message_size(usize::MAX)
+                        .max_decoding_message_size(usize::MAX),
+                );
+            }
+        }
+        None
+    }
+}
+
+/// Sends one peer's messages, reconnecting with backoff when the stream breaks.
+async fn send_loop(link: Link, mut queue: mpsc::Receiver<Message>) {
+    let mut backoff = Duration::from_millis(50);
+    let mut pending: Option<Message> = None;
+    loop {
+        let first = match pending.take() {
+            Some(m) => m,
+            None => match queue.recv().await {
+                Some(m) => m,
+                None => return,
+            },
+        };
+        let Some(mut client) = link.connect().await else {
+            link.failed(&first);
+            // Whatever queued up meanwhile is stale; raft will resend what matters.
+            while let Ok(m) = queue.try_recv() {
+                link.failed(&m);
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+            continue;
+        };
+        backoff = Duration::from_millis(50);
+        let (tx, rx) = mpsc::channel::<PeerMessage>(64);
+        let call = tokio::spawn(async move {
+            client
+                .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+        });
+        let mut next = Some(first);
+        loop {
+            let message = match next.take() {
+                Some(m) => m,
+                None => match queue.recv().await {
+                    Some(m) => m,
+                    None => {
+                        call.abort();
+                        return;
+                    }
+                },
+            };
+            if !send_chunks(&link, &tx, &message).await {
+                link.failed(&message);
+                break;
+            }
+            if message.get_msg_type() == MessageType::MsgSnapshot {
+                let _ = link
+                    .inbox
+                    .send(Input::SnapshotStatus(link.to, SnapshotStatus::Finish))
+                    .await;
+            }
+        }
+        call.abort();
+        tokio::time::sleep(backoff).await;
+    }
+}
+
+async fn send_chunks(link: &Link, tx: &mpsc::Sender<PeerMessage>, message: &Message) -> bool {
+    let Ok(bytes) = message.write_to_bytes() else {
+        return false;
+    };
+    let mut chunks = bytes.chunks(CHUNK_BYTES).peekable();
+    if chunks.peek().is_none() {
+        return tx
+            .send(PeerMessage {
+                cluster_id: link.cluster_id,
+                from: link.from,
+                chunk: Vec::new(),
+                more: false,
+            })
+            .await
+            .is_ok();
+    }
+    while let Some(chunk) = chunks.next() {
+        let more = chunks.peek().is_some();
+        let sent = tx
+            .send(PeerMessage {
+                cluster_id: link.cluster_id,
+                from: link.from,
+                chunk: chunk.to_vec(),
+                more,
+            })
+            .await;
+        if sent.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+/// The receiving side: reassembles messages and steps them into the local raft node.
+pub struct PeerService {
+    pub member_id: u64,
+    pub cluster_id: u64,
+    pub inbox: mpsc::Sender<Input>,
+}
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    async fn stream(
+        &self,
+        request: Request<Streaming<PeerMessage>>,
+    ) -> Result<Response<PeerAck>, Status> {
+        let mut stream = request.into_inner();
+        let mut buffer = Vec::new();
+        while let Some(part) = stream.message().await? {
+            if part.cluster_id != self.cluster_id {
+                return Err(Status::failed_precondition(format!(
+                    "cluster ID mismatch: this member is in cluster {:x}, the sender {:x} in {:x}",
+                    self.cluster_id, part.from, part.cluster_id
+                )));
+            }
+            if buffer.len() + part.chunk.len() > MAX_MESSAGE_BYTES {
+                return Err(Status::resource_exhausted("raft message too large"));
+            }
+            buffer.extend_from_slice(&part.chunk);
+            if part.more {
+                continue;
+            }
+            let message = Message::parse_from_bytes(&buffer)
+                .map_err(|e| Status::invalid_argument(format!("undecodable raft message: {e}")))?;
+            buffer.clear();
+            if message.to != self.member_id || message.from != part.from {
+                continue;
+            }
+            if self.inbox.send(Input::Step(message)).await.is_err() {
+                return Err(Status::unavailable("member stopping"));
+            }
+        }
+        Ok(Response::new(PeerAck {}))
+    }
+}

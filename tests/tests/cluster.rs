@@ -1,0 +1,306 @@
+//! Raft clusters of three real `metastore` processes on loopback: replication, reads on
+//! every member, leader failure, catch-up through the log and through a snapshot, and
+//! what clients see without a quorum.
+//!
+//! The members run with short raft timings (`--heartbeat-interval 50 --election-timeout
+//! 500`) so elections take a fraction of a second; etcd's request timeout is then
+//! 5 s + 2 × 500 ms = 6 s.
+
+use std::time::{Duration, Instant};
+
+use metastore_proto::etcdserverpb::{HashKvRequest, PutRequest, RangeRequest, StatusRequest};
+use metastore_tests::cluster::Cluster;
+use metastore_tests::ops::*;
+use metastore_tests::{bounded, test_bounded, Engine, Kind, Server};
+use tonic::Code;
+
+const FAST: &[&str] = &["--heartbeat-interval", "50", "--election-timeout", "500"];
+const LIMIT: Duration = Duration::from_secs(240);
+
+fn kind() -> Kind {
+    Kind::Metastore(Engine::RocksDb)
+}
+
+async fn put_on(s: &Server, k: &str, v: &str) -> i64 {
+    let mut kv = s.kv().await;
+    bounded("put", kv.put(put(k, v)))
+        .await
+        .unwrap_or_else(|e| panic!("put {k} on {}: {e:?}", s.name))
+        .into_inner()
+        .header
+        .unwrap()
+        .revision
+}
+
+/// Key → (value, mod_revision) under `prefix`, and the header revision.
+async fn read_on(
+    s: &Server,
+    prefix: &str,
+    serializable: bool,
+) -> (Vec<(String, String, i64)>, i64) {
+    let mut kv = s.kv().await;
+    let mut req = if prefix.is_empty() {
+        get_all()
+    } else {
+        get_prefix(prefix)
+    };
+    req.serializable = serializable;
+    let r = bounded("range", kv.range(req))
+        .await
+        .unwrap_or_else(|e| panic!("range on {}: {e:?}", s.name))
+        .into_inner();
+    let kvs = r
+        .kvs
+        .into_iter()
+        .map(|kv| {
+            (
+                String::from_utf8(kv.key).unwrap(),
+                String::from_utf8(kv.value).unwrap(),
+                kv.mod_revision,
+            )
+        })
+        .collect();
+    (kvs, r.header.unwrap().revision)
+}
+
+async fn hash_kv(s: &Server, revision: i64) -> (u32, i64) {
+    let mut m = s.maintenance().await;
+    let r = bounded("hashkv", m.hash_kv(HashKvRequest { revision }))
+        .await
+        .unwrap_or_else(|e| panic!("hashkv on {}: {e:?}", s.name))
+        .into_inner();
+    (r.hash, r.compact_revision)
+}
+
+/// Polls a serializable read on `s` until its revision reaches `revision`.
+async fn wait_revision(s: &Server, revision: i64, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let (_, rev) = read_on(s, "", true).await;
+        if rev >= revision {
+            return;
+        }
+        if Instant::now() > deadline {
+            panic!("{} stuck at revision {rev}, expected {revision}", s.name);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writes_on_any_member_are_read_linearizably_on_every_member() {
+    test_bounded(LIMIT, async {
+        let c = Cluster::start(kind(), 3, FAST).await;
+        let leader = c.leader(Duration::from_secs(20)).await;
+        let mut last = 0;
+        for (i, m) in c.members.iter().enumerate() {
+            last = put_on(m, &format!("k{i}"), &format!("from-{}", m.name)).await;
+        }
+        assert_eq!(last, 4, "three puts after the initial revision 1");
+        for m in &c.members {
+            // Linearizable: a read started after the acknowledgement sees every put,
+            // whichever member serves it.
+            let (kvs, rev) = read_on(m, "k", false).await;
+            assert_eq!(rev, 4, "on {}", m.name);
+            assert_eq!(
+                kvs,
+                vec![
+                    ("k0".into(), "from-m1".into(), 2),
+                    ("k1".into(), "from-m2".into(), 3),
+                    ("k2".into(), "from-m3".into(), 4),
+                ],
+                "on {}",
+                m.name
+            );
+        }
+        // Every member agrees on the leader, the term and the key-space hash.
+        let mut terms = Vec::new();
+        let mut leaders = Vec::new();
+        for m in &c.members {
+            let s = m
+                .maintenance()
+                .await
+                .status(StatusRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            terms.push(s.raft_term);
+            leaders.push(s.leader);
+            assert!(s.raft_applied_index >= 4, "{s:?}");
+            assert_eq!(s.header.unwrap().raft_term, s.raft_term);
+        }
+        assert!(terms.iter().all(|t| *t == terms[0]), "{terms:?}");
+        assert!(leaders.iter().all(|l| *l == leaders[0]), "{leaders:x?}");
+        let leader_id = c.members[leader]
+            .maintenance()
+            .await
+            .status(StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .header
+            .unwrap()
+            .member_id;
+        assert_eq!(leaders[0], leader_id);
+        let hashes: Vec<_> = futures_hashes(&c, 4).await;
+        assert!(hashes.iter().all(|h| *h == hashes[0]), "{hashes:?}");
+    })
+    .await;
+}
+
+async fn futures_hashes(c: &Cluster, revision: i64) -> Vec<(u32, i64)> {
+    let mut out = Vec::new();
+    for m in c.members.iter().filter(|m| m.is_running()) {
+        out.push(hash_kv(m, revision).await);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_leader_is_replaced_and_catches_up_through_the_log() {
+    test_bounded(LIMIT, async {
+        let mut c = Cluster::start(kind(), 3, FAST).await;
+        let old = c.leader(Duration::from_secs(20)).await;
+        for i in 0..20 {
+            put_on(&c.members[i % 3], &format!("a{i:02}"), "x").await;
+        }
+        c.members[old].kill9();
+        let new = c.leader(Duration::from_secs(20)).await;
+        assert_ne!(new, old);
+        // Writes continue on the two survivors, through either of them.
+        let survivors: Vec<usize> = (0..3).filter(|i| *i != old).collect();
+        let mut rev = 0;
+        for i in 0..20 {
+            rev = put_on(&c.members[survivors[i % 2]], &format!("b{i:02}"), "y").await;
+        }
+        assert_eq!(rev, 41);
+        c.members[old].relaunch();
+        c.members[old].wait_ready().await;
+        wait_revision(&c.members[old], rev, Duration::from_secs(30)).await;
+        for m in &c.members {
+            let (kvs, r) = read_on(m, "", false).await;
+            assert_eq!((kvs.len(), r), (40, 41), "on {}", m.name);
+        }
+        let hashes = futures_hashes(&c, rev).await;
+        assert!(hashes.iter().all(|h| *h == hashes[0]), "{hashes:?}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_far_behind_catches_up_through_a_snapshot() {
+    test_bounded(LIMIT, async {
+        let mut args = FAST.to_vec();
+        args.extend(["--snapshot-count", "50"]);
+        let mut c = Cluster::start(kind(), 3, &args).await;
+        let leader = c.leader(Duration::from_secs(20)).await;
+        let lagging = (leader + 1) % 3;
+        c.members[lagging].kill9();
+        let writer = &c.members[leader];
+        let mut kv = writer.kv().await;
+        let mut rev = 0;
+        for i in 0..300 {
+            rev = bounded(
+                "put",
+                kv.put(PutRequest {
+                    key: format!("s{i:03}").into_bytes(),
+                    value: vec![b'v'; 100],
+                    ..Default::default()
+                }),
+            )
+            .await
+            .unwrap()
+            .into_inner()
+            .header
+            .unwrap()
+            .revision;
+        }
+        assert!(
+            writer.log_tail(200_000).contains("compacted the raft log"),
+            "the leader should have compacted its log"
+        );
+        c.members[lagging].relaunch();
+        c.members[lagging].wait_ready().await;
+        wait_revision(&c.members[lagging], rev, Duration::from_secs(30)).await;
+        assert!(
+            c.members[lagging]
+                .log_tail(200_000)
+                .contains("installing a snapshot"),
+            "the lagging member should have caught up through a snapshot"
+        );
+        let (kvs, r) = read_on(&c.members[lagging], "s", true).await;
+        assert_eq!((kvs.len(), r), (300, rev));
+        let hashes = futures_hashes(&c, rev).await;
+        assert!(hashes.iter().all(|h| *h == hashes[0]), "{hashes:?}");
+        // And it keeps up with new writes after the snapshot.
+        let rev = put_on(&c.members[leader], "after", "snapshot").await;
+        wait_revision(&c.members[lagging], rev, Duration::from_secs(10)).await;
+        // A restart of the member that installed the snapshot keeps it.
+        c.members[lagging].kill9();
+        c.members[lagging].relaunch();
+        c.members[lagging].wait_ready().await;
+        let (kvs, _) = read_on(&c.members[lagging], "", true).await;
+        assert_eq!(kvs.len(), 301);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_a_quorum_writes_and_linearizable_reads_time_out_serializable_reads_work() {
+    test_bounded(LIMIT, async {
+        let mut c = Cluster::start(kind(), 3, FAST).await;
+        c.leader(Duration::from_secs(20)).await;
+        put_on(&c.members[0], "k", "v").await;
+        c.members[1].kill9();
+        c.members[2].kill9();
+        let m = &c.members[0];
+        let mut kv = m.kv().await;
+        let started = Instant::now();
+        let err = bounded("put without quorum", kv.put(put("k", "w")))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (err.code(), err.message()),
+            (Code::Unavailable, "etcdserver: request timed out")
+        );
+        assert!(started.elapsed() < Duration::from_secs(15));
+        let err = bounded("linearizable read without quorum", kv.range(get("k")))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (err.code(), err.message()),
+            (Code::Unavailable, "etcdserver: request timed out")
+        );
+        // A serializable read is served from the local state.
+        let r = bounded(
+            "serializable read",
+            kv.range(RangeRequest {
+                serializable: true,
+                ..get("k")
+            }),
+        )
+        .await
+        .unwrap()
+        .into_inner();
+        assert_eq!(r.kvs[0].value, b"v");
+        // Status reports the lost leader.
+        let s = m
+            .maintenance()
+            .await
+            .status(StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(s.leader, 0);
+        assert_eq!(s.errors, vec!["etcdserver: no leader".to_string()]);
+        // The quorum comes back: writes go through again. (The timed-out put's outcome
+        // is unknown to its client, as with etcd: it may still commit.)
+        c.members[1].relaunch();
+        c.members[1].wait_ready().await;
+        let rev = put_on(&c.members[0], "k", "z").await;
+        assert!(rev >= 3, "{rev}");
+        let (kvs, _) = read_on(&c.members[1], "k", false).await;
+        assert_eq!(kvs, vec![("k".to_string(), "z".to_string(), rev)]);
+    })
+    .await;
+}
