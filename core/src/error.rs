@@ -37,6 +37,16 @@ pub enum Error {
     LeaseTtlTooLarge,
     #[error("request is too large")]
     RequestTooLarge,
+    #[error("member ID already exist")]
+    MemberExists,
+    #[error("Peer URLs already exists")]
+    PeerUrlExists,
+    #[error("member not found")]
+    MemberNotFound,
+    #[error("can only promote a learner member")]
+    MemberNotLearner,
+    #[error("too many learner members in cluster")]
+    TooManyLearners,
     /// `apply` was given an entry at or below the applied index: it was applied before
     /// (replay after a restart) and is ignored.
     #[error("entry {index} is already applied (applied index {applied})")]

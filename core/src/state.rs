@@ -17,6 +17,7 @@ use crate::mvcc::{self, ReadTxn, Store, WriteTxn};
 use crate::revision::Revision;
 use crate::validate;
 
+pub mod members;
 pub mod snapshot;
 
 /// Meta bucket key of the applied (consistent) index, etcd's name and 8-byte big-endian
@@ -48,6 +49,8 @@ pub enum ApplyResponse {
     Txn(pb::TxnResponse),
     Compaction(pb::CompactionResponse),
     Range(pb::RangeResponse),
+    /// A membership change: the members after it.
+    Members(Vec<pb::Member>),
 }
 
 /// What applying one log entry produced.
@@ -193,7 +196,8 @@ impl StateMachine {
             Request::AuthRoleRevokePermission(_) => {
                 self.unimplemented(index, "auth role revoke permission")
             }
-            Request::MemberAttributes(_) => self.unimplemented(index, "member attributes"),
+            Request::MemberAttributes(m) => self.apply_member_attributes(index, m),
+            Request::MemberUpdate(m) => self.apply_member_update(index, m),
         }
     }
 

@@ -20,9 +20,32 @@ pub enum Error {
     /// request timeout (no leader, no quorum).
     #[error("request timed out")]
     Timeout,
+    /// A membership or leadership request this member cannot serve (etcd's cluster
+    /// errors that are decided outside the state machine).
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
     /// A bug: an invariant of the runtime itself did not hold.
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// Membership and leadership refusals decided by the runtime (raft progress, roles).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ClusterError {
+    #[error("not leader")]
+    NotLeader,
+    #[error("bad leader transferee")]
+    BadLeaderTransferee,
+    #[error("request timed out, leader transfer took too long")]
+    LeaderTransferTimeout,
+    #[error("can only promote a learner member which is in sync with leader")]
+    LearnerNotReady,
+    #[error("re-configuration failed due to not enough started members")]
+    NotEnoughStarted,
+    #[error("rpc not supported for learner")]
+    NotSupportedForLearner,
+    #[error("the member has been permanently removed from the cluster")]
+    Removed,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -50,8 +50,8 @@ pub struct Identity {
     pub name: String,
     pub peer_urls: Vec<String>,
     pub client_urls: Vec<String>,
-    /// Every member of the initial cluster: (ID, name, peer URLs), in ID order.
-    pub initial_members: Vec<(u64, String, Vec<String>)>,
+    /// `--initial-cluster-token`: members added later get IDs derived with it.
+    pub cluster_token: String,
 }
 
 impl Identity {
@@ -63,20 +63,8 @@ impl Identity {
             .values()
             .map(|urls| member_id(urls, token))
             .collect();
-        let mut initial_members: Vec<(u64, String, Vec<String>)> = config
-            .initial_cluster
-            .iter()
-            .map(|(name, urls)| {
-                (
-                    member_id(urls, token),
-                    name.clone(),
-                    urls.iter().map(|u| u.as_str().to_string()).collect(),
-                )
-            })
-            .collect();
-        initial_members.sort();
         Self {
-            initial_members,
+            cluster_token: token.clone(),
             member_id: member_id(config.local_peer_urls(), token),
             cluster_id: cluster_id(&member_ids),
             name: config.name.clone(),

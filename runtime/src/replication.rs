@@ -16,7 +16,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 use futures::future::BoxFuture;
 use metastore_core::{ApplyResponse, StateMachine};
-use metastore_proto::metastore::InternalRequest;
+use metastore_proto::metastore::{InternalRequest, MemberChange};
 use metastore_proto::mvccpb;
 
 use crate::error::{Error, Result};
@@ -59,6 +59,8 @@ pub struct ReplicaStatus {
     pub commit_index: u64,
     /// Index of the last entry applied to the state machine.
     pub applied_index: u64,
+    /// Whether this member is a learner (receives the log, does not vote).
+    pub is_learner: bool,
 }
 
 /// The boundary between the services and replication.
@@ -70,4 +72,9 @@ pub trait Replicator: Send + Sync + 'static {
     /// the call, so a linearizable read may be served locally.
     fn read_barrier(&self) -> BoxFuture<'static, Result<()>>;
     fn status(&self) -> ReplicaStatus;
+    /// Proposes a change of the member set as a raft configuration change; resolves with
+    /// the members after it once it is applied here.
+    fn change_members(&self, change: MemberChange) -> BoxFuture<'static, Result<ApplyResponse>>;
+    /// Hands leadership to `target` (etcd's MoveLeader); resolves once it leads.
+    fn move_leader(&self, target: u64) -> BoxFuture<'static, Result<()>>;
 }

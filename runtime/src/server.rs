@@ -38,6 +38,8 @@ pub enum StartError {
     State(String),
     #[error("recovering the log: {0}")]
     Log(String),
+    #[error("joining the cluster: {0}")]
+    Join(String),
     #[error("listen tcp {addr}: {error}")]
     Listen { addr: String, error: std::io::Error },
     #[error("{0}")]
@@ -108,16 +110,20 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     .map_err(|e| StartError::State(e.to_string()))?;
     let state = Arc::new(RwLock::new(sm));
     let token = &config.initial_cluster_token;
-    let members = config
+    let members: std::collections::HashMap<u64, (String, Vec<String>)> = config
         .initial_cluster
-        .values()
-        .map(|urls| {
+        .iter()
+        .map(|(name, urls)| {
             (
                 member_id(urls, token),
-                urls.iter().map(|u| u.as_str().to_string()).collect(),
+                (
+                    name.clone(),
+                    urls.iter().map(|u| u.as_str().to_string()).collect(),
+                ),
             )
         })
         .collect();
+    identity.cluster_id = cluster_id_of(&config, &identity, &engine, &members).await?;
     let election_ticks = (config.election_timeout.as_millis()
         / config.heartbeat_interval.as_millis().max(1))
     .max(2) as usize;
@@ -130,6 +136,12 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         election_ticks,
         snapshot_count: config.snapshot_count,
         request_timeout: RaftConfig::request_timeout_for(config.election_timeout),
+        attributes: metastore_proto::etcdserverpb::Member {
+            id: identity.member_id,
+            name: identity.name.clone(),
+            client_ur_ls: identity.client_urls.clone(),
+            ..Default::default()
+        },
     };
     let log = Arc::new(
         RaftNode::open(
@@ -200,6 +212,74 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         fatal,
     })
 }
+
+/// Where the cluster ID is kept once known: a member that joined an existing cluster
+/// cannot derive it from its flags.
+const CLUSTER_ID_KEY: &[u8] = b"s/cluster_id";
+
+/// The cluster this member belongs to: stored from an earlier start; for a new cluster,
+/// etcd's derivation from the initial members; for a member joining an existing
+/// cluster, asked of the cluster's members (etcd's `GetClusterFromRemotePeers`).
+async fn cluster_id_of(
+    config: &Config,
+    identity: &Identity,
+    engine: &Engine,
+    members: &std::collections::HashMap<u64, (String, Vec<String>)>,
+) -> Result<u64, StartError> {
+    use metastore_core::{Bucket, WriteBatch};
+    let backend = engine.backend();
+    let storage_err = |e: metastore_core::BackendError| StartError::Log(e.0);
+    if let Some(v) = backend
+        .get(Bucket::Log, CLUSTER_ID_KEY)
+        .map_err(storage_err)?
+    {
+        let bytes: [u8; 8] = v
+            .as_slice()
+            .try_into()
+            .map_err(|_| StartError::Log("malformed stored cluster ID".into()))?;
+        return Ok(u64::from_be_bytes(bytes));
+    }
+    let cluster_id = if config.initial_cluster_state == crate::config::ClusterState::Existing {
+        let urls: Vec<String> = members
+            .iter()
+            .filter(|(id, _)| **id != identity.member_id)
+            .flat_map(|(_, (_, urls))| urls.clone())
+            .collect();
+        let deadline = tokio::time::Instant::now() + JOIN_TIMEOUT;
+        let info = loop {
+            if let Some(info) = crate::raft::transport::fetch_cluster(&urls).await {
+                break info;
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(StartError::Join(
+                    "could not retrieve cluster information from the given URLs".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        };
+        if !info.members.iter().any(|m| m.id == identity.member_id) {
+            return Err(StartError::Join(format!(
+                "member {:x} has not been added to the cluster (use `etcdctl member add` first)",
+                identity.member_id
+            )));
+        }
+        info.cluster_id
+    } else {
+        identity.cluster_id
+    };
+    let mut batch = WriteBatch::new();
+    batch.put(
+        Bucket::Log,
+        CLUSTER_ID_KEY,
+        cluster_id.to_be_bytes().to_vec(),
+    );
+    batch.sync = true;
+    backend.write(batch).map_err(storage_err)?;
+    Ok(cluster_id)
+}
+
+/// How long a joining member keeps asking the cluster's members who they are.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn engine_label(config: &Config) -> &'static str {
     match config.engine {

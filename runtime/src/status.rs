@@ -96,6 +96,7 @@ etcd_errors! {
     Timeout => Unavailable, "etcdserver: request timed out";
     TimeoutDueToLeaderFail => Unavailable, "etcdserver: request timed out, possibly due to previous leader failure";
     TimeoutDueToConnectionLost => Unavailable, "etcdserver: request timed out, possibly due to connection lost";
+    TimeoutLeaderTransfer => Unavailable, "etcdserver: request timed out, leader transfer took too long";
     TimeoutWaitAppliedIndex => Unavailable, "etcdserver: request timed out, waiting for the applied index took too long";
     Unhealthy => Unavailable, "etcdserver: unhealthy cluster";
     Corrupt => DataLoss, "etcdserver: corrupt cluster";
@@ -142,6 +143,11 @@ pub fn etcd_error_of(err: &metastore_core::Error) -> Option<EtcdError> {
         C::LeaseExists => EtcdError::LeaseExist,
         C::LeaseTtlTooLarge => EtcdError::LeaseTtlTooLarge,
         C::RequestTooLarge => EtcdError::RequestTooLarge,
+        C::MemberExists => EtcdError::MemberExist,
+        C::PeerUrlExists => EtcdError::PeerUrlExist,
+        C::MemberNotFound => EtcdError::MemberNotFound,
+        C::MemberNotLearner => EtcdError::MemberNotLearner,
+        C::TooManyLearners => EtcdError::TooManyLearners,
         C::AlreadyApplied { .. }
         | C::Unimplemented(_)
         | C::MalformedRequest(_)
@@ -171,6 +177,18 @@ pub fn to_status(err: &Error) -> Status {
         },
         Error::Stopped => EtcdError::Stopped.status(),
         Error::Timeout => EtcdError::Timeout.status(),
+        Error::Cluster(c) => {
+            use crate::error::ClusterError as K;
+            match c {
+                K::NotLeader => EtcdError::NotLeader.status(),
+                K::BadLeaderTransferee => EtcdError::BadLeaderTransferee.status(),
+                K::LeaderTransferTimeout => EtcdError::TimeoutLeaderTransfer.status(),
+                K::LearnerNotReady => EtcdError::LearnerNotReady.status(),
+                K::NotEnoughStarted => EtcdError::MemberNotEnoughStarted.status(),
+                K::NotSupportedForLearner => EtcdError::NotSupportedForLearner.status(),
+                K::Removed => EtcdError::Stopped.status(),
+            }
+        }
         Error::Storage(_) | Error::Internal(_) => Status::unknown(format!("etcdserver: {err}")),
     }
 }
@@ -236,6 +254,10 @@ mod tests {
                 [
                     Error::Stopped,
                     Error::Timeout,
+                    Error::Cluster(crate::error::ClusterError::NotLeader),
+                    Error::Cluster(crate::error::ClusterError::BadLeaderTransferee),
+                    Error::Cluster(crate::error::ClusterError::LearnerNotReady),
+                    Error::Cluster(crate::error::ClusterError::NotSupportedForLearner),
                     Error::Storage("fsync failed".into()),
                 ]
                 .iter()

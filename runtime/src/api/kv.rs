@@ -37,6 +37,9 @@ impl Kv for KvService {
         request: Request<pb::RangeRequest>,
     ) -> Result<Response<pb::RangeResponse>, Status> {
         let r = request.into_inner();
+        if !r.serializable {
+            self.api.refuse_learner()?;
+        }
         checked(precheck::range(&r))?;
         if !r.serializable {
             self.api.read_barrier().await?;
@@ -50,6 +53,7 @@ impl Kv for KvService {
         &self,
         request: Request<pb::PutRequest>,
     ) -> Result<Response<pb::PutResponse>, Status> {
+        self.api.refuse_learner()?;
         let r = request.into_inner();
         self.api.check_quota(cost_put(&r))?;
         checked(precheck::put(&r))?;
@@ -66,6 +70,7 @@ impl Kv for KvService {
         &self,
         request: Request<pb::DeleteRangeRequest>,
     ) -> Result<Response<pb::DeleteRangeResponse>, Status> {
+        self.api.refuse_learner()?;
         let r = request.into_inner();
         checked(precheck::delete_range(&r))?;
         match self.api.propose(Envelope::DeleteRange(r)).await? {
@@ -81,6 +86,7 @@ impl Kv for KvService {
         &self,
         request: Request<pb::TxnRequest>,
     ) -> Result<Response<pb::TxnResponse>, Status> {
+        self.api.refuse_learner()?;
         let r = request.into_inner();
         self.api.check_quota(cost_txn(&r))?;
         checked(precheck::txn(&r, self.api.limits.max_txn_ops))?;
@@ -105,6 +111,7 @@ impl Kv for KvService {
         &self,
         request: Request<pb::CompactionRequest>,
     ) -> Result<Response<pb::CompactionResponse>, Status> {
+        self.api.refuse_learner()?;
         let r = request.into_inner();
         match self.api.propose(Envelope::Compaction(r)).await? {
             ApplyResponse::Compaction(mut resp) => {

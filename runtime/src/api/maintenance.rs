@@ -40,10 +40,27 @@ impl MaintenanceService {
 
 #[tonic::async_trait]
 impl Maintenance for MaintenanceService {
+    async fn move_leader(
+        &self,
+        request: Request<pb::MoveLeaderRequest>,
+    ) -> Result<Response<pb::MoveLeaderResponse>, Status> {
+        self.api.refuse_learner()?;
+        let target = request.into_inner().target_id;
+        self.api
+            .log
+            .move_leader(target)
+            .await
+            .map_err(Status::from)?;
+        let mut resp = pb::MoveLeaderResponse::default();
+        self.api.fill(&mut resp.header);
+        Ok(Response::new(resp))
+    }
+
     async fn alarm(
         &self,
         request: Request<pb::AlarmRequest>,
     ) -> Result<Response<pb::AlarmResponse>, Status> {
+        self.api.refuse_learner()?;
         let r = request.into_inner();
         if r.action != pb::alarm_request::AlarmAction::Get as i32 {
             return Err(Status::unimplemented(
@@ -72,7 +89,7 @@ impl Maintenance for MaintenanceService {
             raft_applied_index: replica.applied_index,
             errors: Vec::new(),
             db_size_in_use: self.api.engine.size_in_use() as i64,
-            is_learner: false,
+            is_learner: replica.is_learner,
             ..Default::default()
         };
         if replica.leader == 0 {
@@ -86,6 +103,7 @@ impl Maintenance for MaintenanceService {
         &self,
         _request: Request<pb::HashRequest>,
     ) -> Result<Response<pb::HashResponse>, Status> {
+        self.api.refuse_learner()?;
         let (hash, revision) = self
             .blocking(|api| {
                 let sm = read_state(&api.state).map_err(Status::from)?;
@@ -108,6 +126,7 @@ impl Maintenance for MaintenanceService {
         &self,
         request: Request<pb::HashKvRequest>,
     ) -> Result<Response<pb::HashKvResponse>, Status> {
+        self.api.refuse_learner()?;
         let revision = request.into_inner().revision;
         let (h, current) = self
             .blocking(move |api| {

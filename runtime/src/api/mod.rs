@@ -48,7 +48,6 @@ pub struct Api {
     pub engine: Engine,
     pub identity: Identity,
     pub limits: Limits,
-    next_request_id: AtomicU64,
     /// The engine size the quota check last saw, and when (ms since `started`): sizing
     /// an engine is not free (the memory engine walks every key), so writes share one
     /// reading per `SIZE_REFRESH`.
@@ -72,17 +71,12 @@ impl Api {
         identity: Identity,
         limits: Limits,
     ) -> Self {
-        // etcd's request ID generator: the low 16 bits of the member ID on top, then the
-        // start time in milliseconds, then a counter, so IDs stay unique across restarts.
-        let prefix = (identity.member_id & 0xffff) << 48;
-        let suffix = (unix_nanos() as u64 / 1_000_000) << 8 & ((1 << 48) - 1);
         Self {
             state,
             log,
             engine,
             identity,
             limits,
-            next_request_id: AtomicU64::new(prefix | suffix),
             quota_size: AtomicU64::new(0),
             quota_size_at_ms: AtomicU64::new(u64::MAX),
             started: Instant::now(),
@@ -115,6 +109,15 @@ impl Api {
     ) -> Result<T, Status> {
         let sm = read_state(&self.state).map_err(Status::from)?;
         f(&sm).map_err(|e| Error::Core(e).into())
+    }
+
+    /// etcd's learner guard (`isRPCSupportedForLearner`): a learner serves only Status and
+    /// serializable Range; everything else is refused before any other check.
+    pub fn refuse_learner(&self) -> Result<(), Status> {
+        if self.log.status().is_learner {
+            return Err(Error::Cluster(crate::error::ClusterError::NotSupportedForLearner).into());
+        }
+        Ok(())
     }
 
     /// Waits until a linearizable read may be served locally.
@@ -169,10 +172,8 @@ impl Api {
         request: internal_request::Request,
     ) -> Result<ApplyResponse, Error> {
         let envelope = InternalRequest {
-            header: Some(RequestHeader {
-                id: self.next_request_id.fetch_add(1, Ordering::Relaxed),
-                ..Default::default()
-            }),
+            // The request ID is the replicator's to assign (one ID space per member).
+            header: Some(RequestHeader::default()),
             proposed_at_unix_nanos: unix_nanos(),
             request: Some(request),
         };

@@ -21,14 +21,19 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use metastore_core::{ApplyResponse, Backend, WriteBatch};
-use metastore_proto::metastore::InternalRequest;
+use metastore_proto::etcdserverpb as pb;
+use metastore_proto::metastore::internal_request::Request as Envelope;
+use metastore_proto::metastore::member_change::Change;
+use metastore_proto::metastore::{InternalRequest, MemberChange};
 use prost::Message as _;
 use protobuf::Message as _;
-use raft::eraftpb::{ConfChange, ConfChangeV2, ConfState, Entry, EntryType, Message, Snapshot};
+use raft::eraftpb::{
+    ConfChange, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, Message, Snapshot,
+};
 use raft::{RawNode, SnapshotStatus, StateRole};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::error::{Error, Result};
+use crate::error::{ClusterError, Error, Result};
 use crate::replication::{read_state, EventSink, ReplicaStatus, Replicator, SharedState};
 use storage::RaftStorage;
 use transport::Transport;
@@ -41,7 +46,8 @@ pub enum Input {
     Step(Message),
     Unreachable(u64),
     SnapshotStatus(u64, SnapshotStatus),
-    TransferLeader(u64),
+    ChangeMembers(MemberChange, oneshot::Sender<Result<ApplyResponse>>),
+    MoveLeader(u64, oneshot::Sender<Result<()>>),
     Close(oneshot::Sender<()>),
 }
 
@@ -50,8 +56,11 @@ pub enum Input {
 pub struct RaftConfig {
     pub member_id: u64,
     pub cluster_id: u64,
-    /// Every member's peer URLs, this one's included.
-    pub members: HashMap<u64, Vec<String>>,
+    /// The initial cluster: every member's name and peer URLs, this one's included. A
+    /// new cluster starts with them; a joining member reaches the cluster through them.
+    pub members: HashMap<u64, (String, Vec<String>)>,
+    /// This member's name and client URLs, published to the others through the log.
+    pub attributes: pb::Member,
     /// Start a new cluster from `members` when the log is empty (`--initial-cluster-state
     /// new`); otherwise wait to be sent the cluster's state.
     pub bootstrap: bool,
@@ -86,6 +95,7 @@ struct Shared {
     term: AtomicU64,
     commit_index: AtomicU64,
     applied_index: AtomicU64,
+    is_learner: AtomicBool,
     stopped: AtomicBool,
     fatal: watch::Sender<Option<String>>,
     next_id: AtomicU64,
@@ -106,6 +116,7 @@ pub struct RaftNode {
     request_timeout: Duration,
     /// Transport and its peer service share the inbox; kept here for `peer_service`.
     cluster_id: u64,
+    state: SharedState,
 }
 
 impl RaftNode {
@@ -126,6 +137,26 @@ impl RaftNode {
             };
             (cs, BOOTSTRAP_TERM)
         });
+        if config.bootstrap {
+            // The initial members are state, recorded as applied at the index the raft
+            // log starts after, so a member added later gets them in a snapshot.
+            let mut initial: Vec<pb::Member> = config
+                .members
+                .iter()
+                .map(|(id, (name, urls))| pb::Member {
+                    id: *id,
+                    name: name.clone(),
+                    peer_ur_ls: urls.clone(),
+                    client_ur_ls: Vec::new(),
+                    is_learner: false,
+                })
+                .collect();
+            initial.sort_by_key(|m| m.id);
+            state
+                .write()
+                .map_err(|_| Error::Stopped)?
+                .bootstrap_members(storage::BOOTSTRAP_INDEX, &initial)?;
+        }
         let storage = RaftStorage::open(engine.clone(), state.clone(), bootstrap)?;
         let applied = read_state(&state)?.applied_index();
         // The applied state is never durable ahead of the persisted commit index (see the
@@ -164,22 +195,26 @@ impl RaftNode {
             term: AtomicU64::new(node.raft.term),
             commit_index: AtomicU64::new(node.raft.raft_log.committed),
             applied_index: AtomicU64::new(applied),
+            is_learner: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
             fatal,
+            // etcd's request ID generator: the low 16 bits of the member ID on top, then
+            // the start time in milliseconds, then a counter, so IDs stay unique across
+            // restarts.
             next_id: AtomicU64::new(
                 (config.member_id & 0xffff) << 48
                     | ((crate::api::unix_nanos() as u64 / 1_000_000) << 8 & ((1 << 48) - 1)),
             ),
         });
         let (tx, rx) = mpsc::channel(INBOX_DEPTH);
-        let peers = config
+        let initial_peers: HashMap<u64, Vec<String>> = config
             .members
             .iter()
-            .filter(|(id, _)| **id != config.member_id)
-            .map(|(id, urls)| (*id, urls.clone()))
+            .map(|(id, (_, urls))| (*id, urls.clone()))
             .collect();
-        let transport = Transport::start(config.member_id, config.cluster_id, peers, tx.clone());
-        let driver = Driver {
+        let transport = Transport::new(config.member_id, config.cluster_id, tx.clone());
+        let peer_state = state.clone();
+        let mut driver = Driver {
             node,
             state,
             engine,
@@ -192,9 +227,15 @@ impl RaftNode {
             snapshot_count: config.snapshot_count,
             election_ticks: config.election_ticks as u64,
             ticks: 0,
+            initial_peers,
+            transfer: None,
+            attributes: config.attributes.clone(),
+            attributes_proposed_at: None,
         };
+        driver.refresh_peers()?;
         tokio::spawn(run(driver, rx, config.heartbeat));
         Ok(Self {
+            state: peer_state,
             inbox: tx,
             shared,
             request_timeout: config.request_timeout,
@@ -208,6 +249,7 @@ impl RaftNode {
             member_id: self.shared.member_id,
             cluster_id: self.cluster_id,
             inbox: self.inbox.clone(),
+            state: self.state.clone(),
         }
     }
 
@@ -224,24 +266,16 @@ impl RaftNode {
     pub fn fatal(&self) -> watch::Receiver<Option<String>> {
         self.shared.fatal.subscribe()
     }
-
-    /// Asks the leader to hand leadership to `target`.
-    pub async fn transfer_leader(&self, target: u64) -> Result<()> {
-        self.inbox
-            .send(Input::TransferLeader(target))
-            .await
-            .map_err(|_| Error::Stopped)
-    }
 }
 
 impl Replicator for RaftNode {
     fn propose(&self, mut request: InternalRequest) -> BoxFuture<'static, Result<ApplyResponse>> {
         let inbox = self.inbox.clone();
         let timeout = self.request_timeout;
+        // One ID space per member for everything it proposes (requests, configuration
+        // changes, attributes): a waiter is found by the ID its entry carries.
         let header = request.header.get_or_insert_with(Default::default);
-        if header.id == 0 {
-            header.id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
-        }
+        header.id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         Box::pin(async move {
             let (reply, answer) = oneshot::channel();
             inbox
@@ -277,7 +311,40 @@ impl Replicator for RaftNode {
             term: self.shared.term.load(Ordering::SeqCst),
             commit_index: self.shared.commit_index.load(Ordering::SeqCst),
             applied_index: self.shared.applied_index.load(Ordering::SeqCst),
+            is_learner: self.shared.is_learner.load(Ordering::SeqCst),
         }
+    }
+
+    fn change_members(&self, change: MemberChange) -> BoxFuture<'static, Result<ApplyResponse>> {
+        let inbox = self.inbox.clone();
+        let timeout = self.request_timeout;
+        Box::pin(async move {
+            let (reply, answer) = oneshot::channel();
+            inbox
+                .send(Input::ChangeMembers(change, reply))
+                .await
+                .map_err(|_| Error::Stopped)?;
+            match tokio::time::timeout(timeout, answer).await {
+                Ok(answer) => answer.map_err(|_| Error::Stopped)?,
+                Err(_) => Err(Error::Timeout),
+            }
+        })
+    }
+
+    fn move_leader(&self, target: u64) -> BoxFuture<'static, Result<()>> {
+        let inbox = self.inbox.clone();
+        let timeout = self.request_timeout;
+        Box::pin(async move {
+            let (reply, answer) = oneshot::channel();
+            inbox
+                .send(Input::MoveLeader(target, reply))
+                .await
+                .map_err(|_| Error::Stopped)?;
+            match tokio::time::timeout(timeout, answer).await {
+                Ok(answer) => answer.map_err(|_| Error::Stopped)?,
+                Err(_) => Err(ClusterError::LeaderTransferTimeout.into()),
+            }
+        })
     }
 }
 
@@ -310,6 +377,13 @@ struct Driver {
     snapshot_count: u64,
     election_ticks: u64,
     ticks: u64,
+    /// Peer URLs from the flags, used until the member set is known from the state.
+    initial_peers: HashMap<u64, Vec<String>>,
+    /// A MoveLeader in progress: its target, its caller, and the tick it gives up at.
+    transfer: Option<(u64, oneshot::Sender<Result<()>>, u64)>,
+    /// This member's name and client URLs, and when they were last proposed.
+    attributes: pb::Member,
+    attributes_proposed_at: Option<u64>,
 }
 
 async fn run(mut driver: Driver, mut inbox: mpsc::Receiver<Input>, heartbeat: Duration) {
@@ -424,6 +498,8 @@ impl Driver {
                 self.issue_read();
             }
         }
+        self.check_transfer();
+        self.maybe_publish_attributes();
         if self.ticks.is_multiple_of(64) {
             self.waiters.retain(|_, reply| !reply.is_closed());
             self.reads.queued.retain(|r| !r.is_closed());
@@ -455,7 +531,8 @@ impl Driver {
             }
             Input::Unreachable(id) => self.node.report_unreachable(id),
             Input::SnapshotStatus(id, status) => self.node.report_snapshot(id, status),
-            Input::TransferLeader(target) => self.node.transfer_leader(target),
+            Input::ChangeMembers(change, reply) => self.change_members(change, reply),
+            Input::MoveLeader(target, reply) => self.move_leader(target, reply),
             Input::Close(ack) => return Some(ack),
         }
         None
@@ -548,7 +625,7 @@ impl Driver {
         self.shared
             .applied_index
             .store(meta.index, Ordering::SeqCst);
-        Ok(())
+        self.refresh_peers()
     }
 
     /// Applies committed entries in order and answers their local proposers.
@@ -559,6 +636,8 @@ impl Driver {
         let mut answers = Vec::new();
         let mut conf_batch = WriteBatch::new();
         let mut last = 0;
+        let mut members_changed = false;
+        let mut removed = false;
         {
             let mut sm = self.state.write().map_err(|_| Error::Stopped)?;
             for entry in entries {
@@ -585,25 +664,50 @@ impl Driver {
                         if !applied.events.is_empty() {
                             self.events.publish(std::mem::take(&mut applied.events));
                         }
+                        if matches!(request.request, Some(Envelope::MemberUpdate(_)))
+                            && applied.result.is_ok()
+                        {
+                            members_changed = true;
+                        }
                         let id = request.header.as_ref().map_or(0, |h| h.id);
                         if let Some(reply) = self.waiters.remove(&id) {
                             answers.push((reply, applied.result.map_err(Error::Core)));
                         }
                     }
-                    EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
-                        let cs = if entry.get_entry_type() == EntryType::EntryConfChange {
-                            let cc = ConfChange::parse_from_bytes(&entry.data)
-                                .map_err(|e| Error::Storage(e.to_string()))?;
-                            self.node.apply_conf_change(&cc)
-                        } else {
-                            let cc = ConfChangeV2::parse_from_bytes(&entry.data)
-                                .map_err(|e| Error::Storage(e.to_string()))?;
-                            self.node.apply_conf_change(&cc)
-                        };
-                        match cs {
-                            Ok(cs) => self.node.mut_store().set_conf_state(cs, &mut conf_batch),
-                            Err(e) => tracing::warn!(error = %e, "refused conf change"),
+                    EntryType::EntryConfChange => {
+                        let cc = ConfChange::parse_from_bytes(&entry.data).map_err(|e| {
+                            Error::Storage(format!("raft entry {}: {e}", entry.index))
+                        })?;
+                        let change = MemberChange::decode(&cc.context[..]).map_err(|e| {
+                            Error::Storage(format!("raft entry {}: {e}", entry.index))
+                        })?;
+                        // The member records decide; raft's configuration follows only an
+                        // accepted change (etcd turns a refused one into a no-op).
+                        let applied = sm.apply_member_change(entry.index, &change);
+                        tracing::info!(
+                            index = entry.index,
+                            change = ?change.change,
+                            result = ?applied.result.as_ref().map(|_| ()),
+                            "applied a membership change"
+                        );
+                        if applied.result.is_ok() {
+                            match self.node.apply_conf_change(&cc) {
+                                Ok(cs) => self.node.mut_store().set_conf_state(cs, &mut conf_batch),
+                                Err(e) => tracing::warn!(error = %e, "raft refused a conf change"),
+                            }
+                            members_changed = true;
+                            if change.change == Some(Change::Remove(self.shared.member_id)) {
+                                removed = true;
+                            }
                         }
+                        if let Some(reply) = self.waiters.remove(&cc.id) {
+                            answers.push((reply, applied.result.map_err(Error::Core)));
+                        }
+                    }
+                    EntryType::EntryConfChangeV2 => {
+                        // This member never proposes joint changes; keep the index moving.
+                        let _ = ConfChangeV2::parse_from_bytes(&entry.data)
+                            .map_err(|e| Error::Storage(e.to_string()))?;
                         sm.skip(entry.index)?;
                     }
                 }
@@ -619,7 +723,151 @@ impl Driver {
         for (reply, answer) in answers {
             let _ = reply.send(answer);
         }
+        if removed {
+            return Err(ClusterError::Removed.into());
+        }
+        if members_changed {
+            self.refresh_peers()?;
+        }
         Ok(())
+    }
+
+    /// Points the transport at the current members (from the state once it knows any,
+    /// else from the flags) and notes this member's role.
+    fn refresh_peers(&mut self) -> Result<()> {
+        let members = read_state(&self.state)?.members()?;
+        let me = self.shared.member_id;
+        let peers: HashMap<u64, Vec<String>> = if members.is_empty() {
+            self.initial_peers.clone()
+        } else {
+            members
+                .iter()
+                .map(|m| (m.id, m.peer_ur_ls.clone()))
+                .collect()
+        };
+        let learner = members.iter().any(|m| m.id == me && m.is_learner);
+        self.shared.is_learner.store(learner, Ordering::SeqCst);
+        self.transport
+            .set_peers(peers.into_iter().filter(|(id, _)| *id != me).collect());
+        Ok(())
+    }
+
+    fn change_members(
+        &mut self,
+        change: MemberChange,
+        reply: oneshot::Sender<Result<ApplyResponse>>,
+    ) {
+        let raft = &self.node.raft;
+        let (change_type, node_id) = match &change.change {
+            Some(Change::Add(m)) if m.is_learner => (ConfChangeType::AddLearnerNode, m.id),
+            Some(Change::Add(m)) => (ConfChangeType::AddNode, m.id),
+            Some(Change::Remove(id)) => (ConfChangeType::RemoveNode, *id),
+            Some(Change::Promote(id)) => {
+                // etcd promotes only a learner whose log is within 10% of the leader's.
+                if raft.state == StateRole::Leader {
+                    let leader_match = raft.raft_log.last_index();
+                    let ready = raft
+                        .prs()
+                        .get(*id)
+                        .is_some_and(|p| p.matched as f64 >= leader_match as f64 * 0.9);
+                    if !ready && raft.prs().get(*id).is_some() {
+                        let _ = reply.send(Err(ClusterError::LearnerNotReady.into()));
+                        return;
+                    }
+                }
+                (ConfChangeType::AddNode, *id)
+            }
+            None => {
+                let _ = reply.send(Err(Error::Internal("empty member change".into())));
+                return;
+            }
+        };
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let cc = ConfChange {
+            id,
+            change_type,
+            node_id,
+            context: change.encode_to_vec().into(),
+            ..Default::default()
+        };
+        self.waiters.insert(id, reply);
+        if let Err(e) = self.node.propose_conf_change(Vec::new(), cc) {
+            if let Some(reply) = self.waiters.remove(&id) {
+                let why = match e {
+                    raft::Error::ProposalDropped => Error::Timeout,
+                    other => Error::Internal(other.to_string()),
+                };
+                let _ = reply.send(Err(why));
+            }
+        }
+    }
+
+    fn move_leader(&mut self, target: u64, reply: oneshot::Sender<Result<()>>) {
+        let raft = &self.node.raft;
+        if raft.state != StateRole::Leader {
+            let _ = reply.send(Err(ClusterError::NotLeader.into()));
+            return;
+        }
+        if !self.node.store().conf_state().voters.contains(&target) {
+            let _ = reply.send(Err(ClusterError::BadLeaderTransferee.into()));
+            return;
+        }
+        if target == self.shared.member_id {
+            let _ = reply.send(Ok(()));
+            return;
+        }
+        self.node.transfer_leader(target);
+        let deadline = self.ticks + 5 * self.election_ticks;
+        self.transfer = Some((target, reply, deadline));
+    }
+
+    fn check_transfer(&mut self) {
+        let Some((target, _, deadline)) = &self.transfer else {
+            return;
+        };
+        let leader = self.node.raft.leader_id;
+        if leader == *target || self.ticks >= *deadline {
+            let (target, reply, _) = self.transfer.take().unwrap();
+            let _ = reply.send(if leader == target {
+                Ok(())
+            } else {
+                Err(ClusterError::LeaderTransferTimeout.into())
+            });
+        }
+    }
+
+    /// Publishes this member's name and client URLs through the log (etcd's
+    /// `publish`) until its record shows them; retried every few election timeouts.
+    fn maybe_publish_attributes(&mut self) {
+        if self.node.raft.leader_id == 0 {
+            return;
+        }
+        if let Some(at) = self.attributes_proposed_at {
+            if self.ticks < at + 3 * self.election_ticks {
+                return;
+            }
+        }
+        let current = match read_state(&self.state)
+            .and_then(|sm| sm.member(self.shared.member_id).map_err(Error::Core))
+        {
+            Ok(Some(m)) => m,
+            _ => return,
+        };
+        if current.name == self.attributes.name
+            && current.client_ur_ls == self.attributes.client_ur_ls
+        {
+            return;
+        }
+        let request = InternalRequest {
+            header: Some(metastore_proto::metastore::RequestHeader {
+                id: self.shared.next_id.fetch_add(1, Ordering::Relaxed),
+                ..Default::default()
+            }),
+            proposed_at_unix_nanos: crate::api::unix_nanos(),
+            request: Some(Envelope::MemberAttributes(self.attributes.clone())),
+        };
+        let _ = self.node.propose(Vec::new(), request.encode_to_vec());
+        self.attributes_proposed_at = Some(self.ticks);
     }
 
     fn confirm_reads(&mut self, states: Vec<raft::ReadState>) {
@@ -742,7 +990,16 @@ mod tests {
         RaftConfig {
             member_id: ME,
             cluster_id: 1,
-            members: HashMap::from([(ME, vec!["http://127.0.0.1:1".to_string()])]),
+            members: HashMap::from([(
+                ME,
+                ("me".to_string(), vec!["http://127.0.0.1:1".to_string()]),
+            )]),
+            attributes: pb::Member {
+                id: ME,
+                name: "me".into(),
+                client_ur_ls: vec!["http://127.0.0.1:2".into()],
+                ..Default::default()
+            },
             bootstrap: true,
             heartbeat: Duration::from_millis(10),
             election_ticks: 10,

@@ -26,6 +26,11 @@ use crate::replication::{read_state, SharedState};
 /// One record of a snapshot: bucket, key, value.
 pub type Record = (Bucket, Vec<u8>, Vec<u8>);
 
+/// A new cluster's log starts after this index: the initial member set is state applied
+/// at it, so a member that joins later is sent a snapshot carrying it, never a log that
+/// lacks it.
+pub const BOOTSTRAP_INDEX: u64 = 1;
+
 const HARD_STATE_KEY: &[u8] = b"s/hard";
 const CONF_STATE_KEY: &[u8] = b"s/conf";
 /// The last entry removed by compaction (or installed by a snapshot): its index and term.
@@ -76,7 +81,7 @@ impl RaftStorage {
             Some(b) => ConfState::parse_from_bytes(&b).map_err(|e| decode_err("conf state", e))?,
             None => ConfState::default(),
         };
-        let compacted = match engine.get(Bucket::Log, COMPACTED_KEY)? {
+        let mut compacted = match engine.get(Bucket::Log, COMPACTED_KEY)? {
             Some(b) if b.len() == 16 => (
                 u64::from_be_bytes(b[..8].try_into().unwrap()),
                 u64::from_be_bytes(b[8..].try_into().unwrap()),
@@ -125,6 +130,15 @@ impl RaftStorage {
                 let mut batch = WriteBatch::new();
                 conf_state = initial;
                 hard_state.term = hard_state.term.max(term);
+                if compacted == (0, 0) && storage.terms.is_empty() {
+                    compacted = (BOOTSTRAP_INDEX, term);
+                    hard_state.commit = hard_state.commit.max(BOOTSTRAP_INDEX);
+                    batch.put(
+                        Bucket::Log,
+                        COMPACTED_KEY,
+                        compaction_point(BOOTSTRAP_INDEX, term),
+                    );
+                }
                 batch.put(
                     Bucket::Log,
                     CONF_STATE_KEY,
@@ -141,6 +155,7 @@ impl RaftStorage {
         }
         storage.hard_state = hard_state;
         storage.conf_state = conf_state;
+        storage.compacted = compacted;
         let applied_term = storage
             .term_of(applied_index)
             .unwrap_or(storage.compacted.1);

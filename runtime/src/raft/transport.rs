@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use metastore_proto::metastore::peer_client::PeerClient;
 use metastore_proto::metastore::peer_server::Peer;
-use metastore_proto::metastore::{PeerAck, PeerMessage};
+use metastore_proto::metastore::{ClusterInfo, ClusterInfoRequest, PeerAck, PeerMessage};
 use protobuf::Message as _;
 use raft::eraftpb::{Message, MessageType};
 use raft::SnapshotStatus;
@@ -32,36 +32,45 @@ const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
 /// Senders to every other member.
 pub struct Transport {
-    peers: HashMap<u64, mpsc::Sender<Message>>,
+    member_id: u64,
+    cluster_id: u64,
+    /// Per peer: its URLs and the queue of its sending task.
+    peers: HashMap<u64, (Vec<String>, mpsc::Sender<Message>)>,
     inbox: mpsc::Sender<Input>,
 }
 
 impl Transport {
-    /// Starts one sending task per peer (`peers`: member ID → peer URLs, self excluded).
-    pub fn start(
-        member_id: u64,
-        cluster_id: u64,
-        peers: HashMap<u64, Vec<String>>,
-        inbox: mpsc::Sender<Input>,
-    ) -> Self {
-        let mut senders = HashMap::new();
+    pub fn new(member_id: u64, cluster_id: u64, inbox: mpsc::Sender<Input>) -> Self {
+        Self {
+            member_id,
+            cluster_id,
+            peers: HashMap::new(),
+            inbox,
+        }
+    }
+
+    /// Makes the set of peers `peers` (member ID → peer URLs, self excluded): starts a
+    /// sending task for each new peer or changed URLs; a dropped peer's task ends when
+    /// its queue closes.
+    pub fn set_peers(&mut self, peers: HashMap<u64, Vec<String>>) {
+        self.peers
+            .retain(|id, (urls, _)| peers.get(id).is_some_and(|u| u == urls));
         for (id, urls) in peers {
+            if self.peers.contains_key(&id) {
+                continue;
+            }
             let (tx, rx) = mpsc::channel(PEER_QUEUE);
-            senders.insert(id, tx);
             tokio::spawn(send_loop(
                 Link {
-                    from: member_id,
+                    from: self.member_id,
                     to: id,
-                    cluster_id,
-                    urls,
-                    inbox: inbox.clone(),
+                    cluster_id: self.cluster_id,
+                    urls: urls.clone(),
+                    inbox: self.inbox.clone(),
                 },
                 rx,
             ));
-        }
-        Self {
-            peers: senders,
-            inbox,
+            self.peers.insert(id, (urls, tx));
         }
     }
 
@@ -71,7 +80,7 @@ impl Transport {
             let to = m.to;
             let snapshot = m.get_msg_type() == MessageType::MsgSnapshot;
             let queued = match self.peers.get(&to) {
-                Some(tx) => tx.try_send(m).is_ok(),
+                Some((_, tx)) => tx.try_send(m).is_ok(),
                 None => false,
             };
             if !queued {
@@ -120,6 +129,26 @@ impl Link {
         }
         None
     }
+}
+
+/// Asks the members at `urls` for the cluster this member is joining; the first answer
+/// wins. Used once, by a member started with `--initial-cluster-state existing` and no
+/// state of its own.
+pub async fn fetch_cluster(urls: &[String]) -> Option<ClusterInfo> {
+    for url in urls {
+        let Ok(endpoint) = tonic::transport::Endpoint::from_shared(url.clone()) else {
+            continue;
+        };
+        let Ok(channel) = endpoint.connect_timeout(CONNECT_TIMEOUT).connect().await else {
+            continue;
+        };
+        let mut client = PeerClient::new(channel);
+        let call = client.cluster(ClusterInfoRequest {});
+        if let Ok(Ok(info)) = tokio::time::timeout(Duration::from_secs(3), call).await {
+            return Some(info.into_inner());
+        }
+    }
+    None
 }
 
 /// Sends one peer's messages, reconnecting with backoff when the stream breaks.
@@ -212,15 +241,31 @@ async fn send_chunks(link: &Link, tx: &mpsc::Sender<PeerMessage>, message: &Mess
     true
 }
 
-/// The receiving side: reassembles messages and steps them into the local raft node.
+/// The receiving side: reassembles messages and steps them into the local raft node, and
+/// tells a joining member which cluster it joins.
 pub struct PeerService {
     pub member_id: u64,
     pub cluster_id: u64,
     pub inbox: mpsc::Sender<Input>,
+    pub state: crate::replication::SharedState,
 }
 
 #[tonic::async_trait]
 impl Peer for PeerService {
+    async fn cluster(
+        &self,
+        _request: Request<ClusterInfoRequest>,
+    ) -> Result<Response<ClusterInfo>, Status> {
+        let members = crate::replication::read_state(&self.state)
+            .map_err(Status::from)?
+            .members()
+            .map_err(|e| Status::from(crate::error::Error::Core(e)))?;
+        Ok(Response::new(ClusterInfo {
+            cluster_id: self.cluster_id,
+            members,
+        }))
+    }
+
     async fn stream(
         &self,
         request: Request<Streaming<PeerMessage>>,
