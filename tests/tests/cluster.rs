@@ -304,3 +304,78 @@ async fn without_a_quorum_writes_and_linearizable_reads_time_out_serializable_re
     })
     .await;
 }
+
+/// Writers on every member; each member in turn is killed with SIGKILL and restarted
+/// while they write. Every acknowledged put must be on every member afterwards, with the
+/// revision it was acknowledged with, and the members must agree on HashKV.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_acknowledged_write_is_lost_when_any_member_is_killed_during_writes() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    test_bounded(LIMIT, async {
+        let mut c = Cluster::start(kind(), 3, FAST).await;
+        c.leader(Duration::from_secs(20)).await;
+        let acked: Arc<Mutex<Vec<(String, i64)>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut writers = Vec::new();
+        for (w, m) in c.members.iter().enumerate() {
+            for lane in 0..2 {
+                let url = m.url();
+                let acked = acked.clone();
+                let stop = stop.clone();
+                writers.push(tokio::spawn(async move {
+                    let mut n = 0;
+                    while !stop.load(Ordering::SeqCst) {
+                        n += 1;
+                        let key = format!("w{w}-{lane}-{n:05}");
+                        let attempt = async {
+                            let ch = tonic::transport::Endpoint::from_shared(url.clone())
+                                .unwrap()
+                                .connect_timeout(Duration::from_millis(500))
+                                .timeout(Duration::from_secs(10))
+                                .connect()
+                                .await
+                                .ok()?;
+                            let mut kv =
+                                metastore_proto::etcdserverpb::kv_client::KvClient::new(ch);
+                            let r = kv.put(put(&key, "v")).await.ok()?;
+                            Some(r.into_inner().header.unwrap().revision)
+                        };
+                        match tokio::time::timeout(Duration::from_secs(12), attempt).await {
+                            Ok(Some(rev)) => acked.lock().unwrap().push((key, rev)),
+                            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+                        }
+                    }
+                }));
+            }
+        }
+        for victim in 0..3 {
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            c.members[victim].kill9();
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            c.members[victim].relaunch();
+            c.members[victim].wait_ready().await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        stop.store(true, Ordering::SeqCst);
+        for w in writers {
+            w.await.unwrap();
+        }
+        let acked = acked.lock().unwrap().clone();
+        assert!(acked.len() > 30, "only {} puts acknowledged", acked.len());
+        let (_, last) = read_on(&c.members[0], "", false).await;
+        for m in &c.members {
+            wait_revision(m, last, Duration::from_secs(30)).await;
+            let (kvs, _) = read_on(m, "w", true).await;
+            let stored: std::collections::HashMap<String, i64> =
+                kvs.into_iter().map(|(k, _, rev)| (k, rev)).collect();
+            for (key, rev) in &acked {
+                assert_eq!(stored.get(key), Some(rev), "{key} on {}", m.name);
+            }
+        }
+        let hashes = futures_hashes(&c, last).await;
+        assert!(hashes.iter().all(|h| *h == hashes[0]), "{hashes:?}");
+    })
+    .await;
+}
