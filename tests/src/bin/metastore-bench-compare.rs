@@ -1,6 +1,7 @@
 //! metastore-bench-compare: starts a real etcd (/usr/bin/etcd) and MetaStore on free
-//! loopback ports with temporary data dirs, runs the same workloads against each in one
-//! run, prints a side-by-side table with ratios, and stops both.
+//! loopback ports with temporary data dirs (single servers, or `--members 3` clusters),
+//! runs the same workloads against each in one run, prints a side-by-side table with
+//! ratios, and stops both.
 //!
 //! The metastore binary is found as in the tests (METASTORE_BIN, else next to this
 //! executable's profile dir, ...): build both in release for meaningful numbers, which
@@ -10,6 +11,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use metastore_tests::bench::{run, BenchConfig, BenchReport, Workload};
+use metastore_tests::cluster::Cluster;
 use metastore_tests::{metastore_bin, Engine, Kind, Server};
 
 #[derive(Parser, Debug)]
@@ -26,6 +28,10 @@ struct Args {
     engine: String,
     #[arg(long, default_value_t = 256)]
     value_size: usize,
+    /// Members per cluster: 1 compares single servers; 3 compares two three-member
+    /// clusters, the clients spread over every member's endpoint.
+    #[arg(long, default_value_t = 1)]
+    members: usize,
 }
 
 struct Case {
@@ -74,9 +80,9 @@ const CASES: &[Case] = &[
     },
 ];
 
-async fn bench(s: &Server, c: &Case, a: &Args) -> anyhow::Result<BenchReport> {
+async fn bench(endpoints: &[String], c: &Case, a: &Args) -> anyhow::Result<BenchReport> {
     let cfg = BenchConfig {
-        endpoints: vec![s.endpoint()],
+        endpoints: endpoints.to_vec(),
         clients: c.clients,
         conns: c.conns,
         workload: c.workload,
@@ -98,20 +104,29 @@ async fn main() -> anyhow::Result<()> {
         e => anyhow::bail!("--engine {e}: rocksdb or memory"),
     };
     eprintln!("metastore binary: {}", metastore_bin().display());
-    let etcd = Server::start(Kind::Etcd).await;
-    let ms = Server::start(Kind::Metastore(engine)).await;
+    let (etcd, ms) = if a.members <= 1 {
+        (
+            vec![Server::start(Kind::Etcd).await],
+            vec![Server::start(Kind::Metastore(engine)).await],
+        )
+    } else {
+        (
+            Cluster::start(Kind::Etcd, a.members, &[]).await.members,
+            Cluster::start(Kind::Metastore(engine), a.members, &[]).await.members,
+        )
+    };
+    let etcd_eps: Vec<String> = etcd.iter().map(|s| s.endpoint()).collect();
+    let ms_eps: Vec<String> = ms.iter().map(|s| s.endpoint()).collect();
     eprintln!(
-        "etcd on {} (pid {:?}), metastore on {} (pid {:?})",
-        etcd.endpoint(),
-        etcd.pid(),
-        ms.endpoint(),
-        ms.pid()
+        "etcd on {etcd_eps:?} (pids {:?}), metastore on {ms_eps:?} (pids {:?})",
+        etcd.iter().map(|s| s.pid()).collect::<Vec<_>>(),
+        ms.iter().map(|s| s.pid()).collect::<Vec<_>>(),
     );
     let mut rows = Vec::new();
     for c in CASES {
-        let e = bench(&etcd, c, &a).await?;
+        let e = bench(&etcd_eps, c, &a).await?;
         eprintln!("etcd      {}", e.line());
-        let m = bench(&ms, c, &a).await?;
+        let m = bench(&ms_eps, c, &a).await?;
         eprintln!("metastore {}", m.line());
         rows.push((c.name, e, m));
     }
