@@ -124,6 +124,13 @@ pub struct Flags {
     /// (nothing survives the process).
     #[arg(long, env = "ETCD_ENGINE", default_value = default_engine_name())]
     pub engine: String,
+    /// Duration of periodic watch progress notifications (etcd's experimental flag).
+    #[arg(
+        long,
+        env = "ETCD_EXPERIMENTAL_WATCH_PROGRESS_NOTIFY_INTERVAL",
+        default_value = "10m"
+    )]
+    pub experimental_watch_progress_notify_interval: String,
 
     // Accepted so that etcd command lines start unchanged; they take effect in later
     // issues (Raft timing, snapshots, logging outputs).
@@ -324,6 +331,9 @@ pub struct Config {
     pub auto_compaction: Option<AutoCompaction>,
     pub log_level: LogLevel,
     pub engine: Engine,
+    /// How often a watcher that asked for progress notifications and got no events
+    /// hears the current revision.
+    pub watch_progress_notify_interval: Duration,
 }
 
 /// A configuration error, worded for the operator; `main` prints it and exits non-zero.
@@ -429,6 +439,16 @@ impl Config {
             }
         };
 
+        let watch_progress_notify_interval =
+            parse_go_duration(&flags.experimental_watch_progress_notify_interval)
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| {
+                    ConfigError(format!(
+                        "--experimental-watch-progress-notify-interval: invalid duration {:?}",
+                        flags.experimental_watch_progress_notify_interval
+                    ))
+                })?;
+
         Ok(Self {
             name,
             data_dir,
@@ -445,6 +465,7 @@ impl Config {
             auto_compaction,
             log_level,
             engine,
+            watch_progress_notify_interval,
         })
     }
 

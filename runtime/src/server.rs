@@ -14,14 +14,16 @@ use metastore_core::{StateMachine, StateMachineConfig};
 use metastore_proto::etcdserverpb::cluster_server::ClusterServer;
 use metastore_proto::etcdserverpb::kv_server::KvServer;
 use metastore_proto::etcdserverpb::maintenance_server::MaintenanceServer;
+use metastore_proto::etcdserverpb::watch_server::WatchServer;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::api::{Api, ClusterService, KvService, Limits, MaintenanceService};
+use crate::api::{Api, ClusterService, KvService, Limits, MaintenanceService, WatchService};
 use crate::config::Config;
 use crate::membership::Identity;
-use crate::replication::{NoEvents, Replicator, SingleLog};
+use crate::replication::{Replicator, SingleLog};
 use crate::storage::Engine;
+use crate::watch::WatchHub;
 
 /// How long shutdown waits for in-flight requests before it stops waiting.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -101,12 +103,13 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     )
     .map_err(|e| StartError::State(e.to_string()))?;
     let state = Arc::new(RwLock::new(sm));
+    let hub = WatchHub::new();
     let log = Arc::new(
         SingleLog::open(
             state.clone(),
             engine.backend(),
             identity.member_id,
-            Arc::new(NoEvents),
+            hub.clone(),
         )
         .map_err(|e| StartError::Log(e.to_string()))?,
     );
@@ -139,9 +142,16 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     let mut servers = Vec::new();
     for (url, local, listener) in listeners {
         tracing::info!(address = %local, url = %url, "serving client traffic");
+        let watch = WatchService::new(
+            api.clone(),
+            hub.clone(),
+            config.watch_progress_notify_interval,
+            stop_rx.clone(),
+        );
         servers.push(tokio::spawn(serve(
             listener,
             api.clone(),
+            watch,
             config.grpc_max_recv_bytes(),
             stop_rx.clone(),
         )));
@@ -190,13 +200,14 @@ fn local_addr(listener: &Listener) -> std::io::Result<SocketAddr> {
 async fn serve(
     listener: Listener,
     api: Arc<Api>,
+    watch: WatchService,
     max_recv: usize,
     mut stop: watch::Receiver<bool>,
 ) {
     use tonic::transport::server::TcpIncoming;
     // Small request/response pairs must not wait for Nagle's algorithm.
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let result = services(tonic::transport::Server::builder(), api, max_recv)
+    let result = services(tonic::transport::Server::builder(), api, watch, max_recv)
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = stop.wait_for(|s| *s).await;
         })
@@ -222,8 +233,14 @@ fn local_addr(listener: &Listener) -> std::io::Result<SocketAddr> {
 }
 
 #[cfg(madsim)]
-async fn serve(addr: Listener, api: Arc<Api>, max_recv: usize, mut stop: watch::Receiver<bool>) {
-    let result = services(tonic::transport::Server::builder(), api, max_recv)
+async fn serve(
+    addr: Listener,
+    api: Arc<Api>,
+    watch: WatchService,
+    max_recv: usize,
+    mut stop: watch::Receiver<bool>,
+) {
+    let result = services(tonic::transport::Server::builder(), api, watch, max_recv)
         .serve_with_shutdown(addr, async move {
             let _ = stop.wait_for(|s| *s).await;
         })
@@ -233,11 +250,12 @@ async fn serve(addr: Listener, api: Arc<Api>, max_recv: usize, mut stop: watch::
     }
 }
 
-/// The services every client listener offers. Services not added here (Watch, Lease,
-/// Auth, lock, election) answer `Unimplemented`, as unknown services do in gRPC.
+/// The services every client listener offers. Services not added here (Lease, Auth,
+/// lock, election) answer `Unimplemented`, as unknown services do in gRPC.
 fn services(
     builder: tonic::transport::Server,
     api: Arc<Api>,
+    watch: WatchService,
     max_recv: usize,
 ) -> tonic::transport::server::Router {
     builder
@@ -250,6 +268,11 @@ fn services(
         )
         .add_service(
             MaintenanceServer::new(MaintenanceService::new(api.clone()))
+                .max_decoding_message_size(max_recv)
+                .max_encoding_message_size(usize::MAX),
+        )
+        .add_service(
+            WatchServer::new(watch)
                 .max_decoding_message_size(max_recv)
                 .max_encoding_message_size(usize::MAX),
         )
