@@ -58,6 +58,15 @@ impl RawWatch {
             .expect("watch stream closed");
     }
 
+    /// A request with no `request_union` (what an unknown oneof case decodes to).
+    pub fn send_empty(&self) {
+        self.tx
+            .unbounded_send(WatchRequest {
+                request_union: None,
+            })
+            .expect("watch stream closed");
+    }
+
     pub fn create(&self, c: WatchCreateRequest) {
         self.send(RequestUnion::CreateRequest(c));
     }

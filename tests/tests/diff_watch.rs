@@ -29,6 +29,7 @@ enum Step {
     Create(WatchCreateRequest),
     Cancel(i64),
     Progress,
+    Empty,
     Put(&'static str, &'static str),
     Del(&'static str, &'static str),
     Txn(metastore_proto::etcdserverpb::TxnRequest),
@@ -41,6 +42,7 @@ async fn run_step(s: &Server, w: &RawWatch, step: &Step) {
         Step::Create(c) => w.create(c.clone()),
         Step::Cancel(id) => w.cancel(*id),
         Step::Progress => w.progress(),
+        Step::Empty => w.send_empty(),
         Step::Put(k, v) => {
             kv.put(ops::put(k, v)).await.expect("put");
         }
@@ -161,6 +163,7 @@ async fn watch_stream_matches_etcd() {
                 }),
             ),
             ("cancel unknown id", Step::Cancel(99)),
+            ("request with no union", Step::Empty),
             ("put a", Step::Put("a", "2")),
             ("txn put b/1 c, delete b/2", Step::Txn(txn)),
             ("cancel 10", Step::Cancel(10)),

@@ -147,3 +147,50 @@ async fn slow_stream_is_bounded_and_loses_nothing() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_watch_streams_do_not_hold_up_shutdown() {
+    test_bounded(Duration::from_secs(120), async {
+        let mut s = Server::start_with(Kind::Metastore(Engine::RocksDb), &[]).await;
+        let mut kv = s.kv().await;
+        kv.put(ops::put("k", "v")).await.unwrap();
+        // A stream that has stopped reading with events pending: its buffered data
+        // cannot leave, so the member stops within its drain bound (10 s), cleanly.
+        let stuck = RawWatch::open(s.channel().await).await;
+        stuck.create(WatchCreateRequest {
+            key: b"k".to_vec(),
+            start_revision: 1,
+            ..Default::default()
+        });
+        let value = "x".repeat(64 << 10);
+        for _ in 0..50 {
+            kv.put(ops::put("k", &value)).await.unwrap();
+        }
+        let status = s.terminate(Duration::from_secs(30));
+        assert!(status.success(), "exit status {status:?}");
+        drop(stuck);
+
+        // After a restart the history is still there; a stream that is read ends as soon
+        // as the member stops (well under the 10 s drain bound).
+        s.restart().await;
+        let mut w = RawWatch::open(s.channel().await).await;
+        w.create(WatchCreateRequest {
+            key: b"k".to_vec(),
+            start_revision: 2,
+            ..Default::default()
+        });
+        assert!(w.next(Duration::from_secs(10)).await.unwrap().created);
+        let mut revs = Vec::new();
+        while revs.len() < 51 {
+            let r = w
+                .next(Duration::from_secs(10))
+                .await
+                .expect("history after restart");
+            revs.extend(r.events.iter().map(|e| e.kv.as_ref().unwrap().mod_revision));
+        }
+        assert_eq!(revs, (2..=52).collect::<Vec<i64>>());
+        let status = s.terminate(Duration::from_secs(5));
+        assert!(status.success(), "exit status {status:?}");
+    })
+    .await;
+}

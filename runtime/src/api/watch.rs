@@ -178,8 +178,12 @@ async fn send(
             };
             for mut piece in pieces {
                 fill(&api, &mut piece.header);
-                if tx.send(Ok(piece)).await.is_err() {
-                    break 'outer;
+                // A client that does not read must not keep the member from stopping.
+                tokio::select! {
+                    sent = tx.send(Ok(piece)) => if sent.is_err() {
+                        break 'outer;
+                    },
+                    _ = stop.wait_for(|s| *s) => break 'outer,
                 }
             }
             continue;
