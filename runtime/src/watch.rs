@@ -63,9 +63,15 @@ pub struct Outgoing {
     pub fragment: bool,
 }
 
+/// A queued response and its encoded size (what the queue's bound counts).
+struct Queued {
+    out: Outgoing,
+    bytes: usize,
+}
+
 #[derive(Default)]
 struct Queue {
-    items: VecDeque<Outgoing>,
+    items: VecDeque<Queued>,
     bytes: usize,
     /// Watchers of this stream that must catch up from history.
     unsynced: BTreeSet<i64>,
@@ -93,22 +99,37 @@ impl StreamQueue {
     }
 
     fn push(&self, q: &mut Queue, out: Outgoing) {
-        q.bytes += prost::Message::encoded_len(&out.response);
-        q.items.push_back(out);
+        let bytes = prost::Message::encoded_len(&out.response);
+        q.bytes += bytes;
+        q.items.push_back(Queued { out, bytes });
         self.ready.notify_one();
     }
 
     /// Takes the next response to send.
     pub fn pop(&self) -> Option<Outgoing> {
+        let mut batch = self.pop_many(1, usize::MAX);
+        batch.pop()
+    }
+
+    /// Takes up to `n` responses to send, oldest first, stopping once `max_bytes` are
+    /// taken (at least one is, whatever its size).
+    pub fn pop_many(&self, n: usize, max_bytes: usize) -> Vec<Outgoing> {
         let mut q = self.lock();
-        let out = q.items.pop_front()?;
-        q.bytes = q
-            .bytes
-            .saturating_sub(prost::Message::encoded_len(&out.response));
-        if q.bytes < self.limit {
+        let n = n.min(q.items.len());
+        let mut out = Vec::with_capacity(n);
+        let mut taken = 0;
+        while out.len() < n && (out.is_empty() || taken < max_bytes) {
+            let Some(item) = q.items.pop_front() else {
+                break;
+            };
+            q.bytes -= item.bytes;
+            taken += item.bytes;
+            out.push(item.out);
+        }
+        if !out.is_empty() && q.bytes < self.limit {
             self.room.notify_one();
         }
-        Some(out)
+        out
     }
 
     pub fn queued_bytes(&self) -> usize {
@@ -200,12 +221,14 @@ impl WatchSpec {
                 let is_put = e.r#type == put;
                 !(is_put && self.no_put || !is_put && self.no_delete)
             })
-            .map(|e| {
-                let mut e = e.clone();
-                if !self.prev_kv {
-                    e.prev_kv = None;
-                }
-                e
+            .map(|e| mvccpb::Event {
+                r#type: e.r#type,
+                kv: e.kv.clone(),
+                prev_kv: if self.prev_kv {
+                    e.prev_kv.clone()
+                } else {
+                    None
+                },
             })
             .collect()
     }
@@ -616,7 +639,7 @@ impl EventSink for WatchHub {
         let mut hub = self.lock();
         let hub = &mut *hub;
         // Which synced watchers see any event of this revision, in a stable order.
-        let mut targets: BTreeSet<WatcherRef> = BTreeSet::new();
+        let mut targets: Vec<WatcherRef> = Vec::new();
         for e in &events {
             let Some(kv) = &e.kv else { continue };
             if let Some(set) = hub.by_key.get(&kv.key) {
@@ -631,9 +654,11 @@ impl EventSink for WatchHub {
                 .iter()
                 .any(|e| e.kv.as_ref().is_some_and(|kv| w.spec.matches(&kv.key)))
             {
-                targets.insert(*r);
+                targets.push(*r);
             }
         }
+        targets.sort_unstable();
+        targets.dedup();
         for r in targets {
             let Some(w) = hub.watchers.get_mut(&r) else {
                 continue;

@@ -50,13 +50,16 @@ pub struct WatchBenchReport {
     pub p99_us: u64,
     /// VmRSS growth per idle watcher, in bytes.
     pub bytes_per_watcher: Option<f64>,
+    /// Server CPU seconds (user + system) spent in the measured phase: on a shared
+    /// machine, events per server CPU second is the fairer efficiency figure.
+    pub server_cpu_s: Option<f64>,
 }
 
 impl WatchBenchReport {
     pub fn line(&self) -> String {
         format!(
             "workload=watch watchers={} keys={} writes={} delivered={}/{} elapsed={:.2}s \
-             events/s={:.0} p50={:.3}ms p99={:.3}ms mem/watcher={}",
+             events/s={:.0} p50={:.3}ms p99={:.3}ms mem/watcher={} server_cpu={}",
             self.watchers,
             if self.same_key { "same" } else { "distinct" },
             self.writes,
@@ -68,6 +71,9 @@ impl WatchBenchReport {
             self.p99_us as f64 / 1000.0,
             self.bytes_per_watcher
                 .map(|b| format!("{b:.0}B"))
+                .unwrap_or_else(|| "n/a".into()),
+            self.server_cpu_s
+                .map(|c| format!("{c:.2}s"))
                 .unwrap_or_else(|| "n/a".into())
         )
     }
@@ -85,6 +91,7 @@ impl WatchBenchReport {
             "p50_ms": self.p50_us as f64 / 1000.0,
             "p99_ms": self.p99_us as f64 / 1000.0,
             "bytes_per_watcher": self.bytes_per_watcher,
+            "server_cpu_s": self.server_cpu_s,
         })
     }
 }
@@ -96,6 +103,19 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// User + system CPU seconds a process has used (from /proc/<pid>/stat, in clock
+/// ticks of 1/100 s, Linux's USER_HZ).
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are the 14th and
+    // 15th fields of the whole line.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
 }
 
 fn key(i: usize, same: bool) -> Vec<u8> {
@@ -206,6 +226,7 @@ pub async fn run_watch(cfg: &WatchBenchConfig) -> Result<WatchBenchReport> {
     };
 
     let mut kv = KvClient::new(chans[0].clone());
+    let cpu_before = cfg.server_pid.and_then(cpu_seconds);
     let start = Instant::now();
     let deadline = start + cfg.duration;
     let mut writes = 0;
@@ -240,6 +261,10 @@ pub async fn run_watch(cfg: &WatchBenchConfig) -> Result<WatchBenchReport> {
     }
     let elapsed = start.elapsed();
     let delivered = received.load(Ordering::Relaxed);
+    let server_cpu_s = match (cpu_before, cfg.server_pid.and_then(cpu_seconds)) {
+        (Some(b), Some(a)) => Some(a - b),
+        _ => None,
+    };
     let _ = stop_tx.send(true);
     let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).unwrap();
     for t in tasks {
@@ -258,5 +283,6 @@ pub async fn run_watch(cfg: &WatchBenchConfig) -> Result<WatchBenchReport> {
         p50_us: hist.value_at_quantile(0.50),
         p99_us: hist.value_at_quantile(0.99),
         bytes_per_watcher,
+        server_cpu_s,
     })
 }

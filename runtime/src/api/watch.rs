@@ -26,6 +26,9 @@ use crate::watch::{fragments, Outgoing, StreamQueue, WatchHub, WatchSpec};
 /// Responses handed to gRPC but not yet written to the connection. Small: the real
 /// buffer is the stream's queue in the hub, which is bounded in bytes.
 const GRPC_BUFFER: usize = 16;
+/// Responses taken from the stream's queue at a time (one lock for many).
+const SEND_BATCH: usize = 64;
+const SEND_BATCH_BYTES: usize = 64 << 10;
 
 pub struct WatchService {
     api: Arc<Api>,
@@ -170,20 +173,24 @@ async fn send(
         if *stop.borrow() || stream.is_closed() {
             break;
         }
-        if let Some(Outgoing { response, fragment }) = stream.pop() {
-            let pieces = if fragment {
-                fragments(response, max_bytes)
-            } else {
-                vec![response]
-            };
-            for mut piece in pieces {
-                fill(&api, &mut piece.header);
-                // A client that does not read must not keep the member from stopping.
-                tokio::select! {
-                    sent = tx.send(Ok(piece)) => if sent.is_err() {
-                        break 'outer;
-                    },
-                    _ = stop.wait_for(|s| *s) => break 'outer,
+        let batch = stream.pop_many(SEND_BATCH, SEND_BATCH_BYTES);
+        if !batch.is_empty() {
+            let term = api.log.status().term;
+            for Outgoing { response, fragment } in batch {
+                let pieces = if fragment {
+                    fragments(response, max_bytes)
+                } else {
+                    vec![response]
+                };
+                for mut piece in pieces {
+                    fill(&api, term, &mut piece.header);
+                    // A client that does not read must not keep the member from stopping.
+                    tokio::select! {
+                        sent = tx.send(Ok(piece)) => if sent.is_err() {
+                            break 'outer;
+                        },
+                        _ = stop.wait_for(|s| *s) => break 'outer,
+                    }
                 }
             }
             continue;
@@ -217,9 +224,9 @@ async fn send(
 
 /// The header of a watch response: the revision the hub chose (0 stays 0, as etcd
 /// leaves it out of a compaction cancel) plus this member's identity and term.
-fn fill(api: &Api, header: &mut Option<pb::ResponseHeader>) {
+fn fill(api: &Api, term: u64, header: &mut Option<pb::ResponseHeader>) {
     let h = header.get_or_insert_with(Default::default);
     h.cluster_id = api.identity.cluster_id;
     h.member_id = api.identity.member_id;
-    h.raft_term = api.log.status().term;
+    h.raft_term = term;
 }

@@ -210,22 +210,30 @@ async fn main() -> anyhow::Result<()> {
         }
         println!();
         println!(
-            "| watchers | keys | etcd events/s | metastore events/s | ratio | etcd p50 / p99 ms | metastore p50 / p99 ms | etcd B/watcher | metastore B/watcher | delivered (etcd/ms) |"
+            "| watchers | keys | etcd events/s | metastore events/s | ratio | etcd / metastore events per server CPU-s | etcd p50 / p99 ms | metastore p50 / p99 ms | etcd B/watcher | metastore B/watcher | delivered (etcd/ms) |"
         );
-        println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for (e, m) in &wrows {
             let mem = |r: &WatchBenchReport| {
                 r.bytes_per_watcher
                     .map(|b| format!("{b:.0}"))
                     .unwrap_or_else(|| "n/a".into())
             };
+            let per_cpu = |r: &WatchBenchReport| {
+                r.server_cpu_s
+                    .filter(|c| *c > 0.0)
+                    .map(|c| format!("{:.0}", r.delivered as f64 / c))
+                    .unwrap_or_else(|| "n/a".into())
+            };
             println!(
-                "| {} | {} | {:.0} | {:.0} | {:.2}x | {:.2} / {:.2} | {:.2} / {:.2} | {} | {} | {}/{} of {}/{} |",
+                "| {} | {} | {:.0} | {:.0} | {:.2}x | {} / {} | {:.2} / {:.2} | {:.2} / {:.2} | {} | {} | {}/{} of {}/{} |",
                 e.watchers,
                 if e.same_key { "same" } else { "distinct" },
                 e.events_per_sec,
                 m.events_per_sec,
                 m.events_per_sec / e.events_per_sec.max(1e-9),
+                per_cpu(e),
+                per_cpu(m),
                 e.p50_us as f64 / 1000.0,
                 e.p99_us as f64 / 1000.0,
                 m.p50_us as f64 / 1000.0,
