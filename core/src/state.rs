@@ -340,6 +340,27 @@ impl StateMachine {
         let mut view = ReadTxn::new(&self.store, &*self.backend);
         kv::txn(&mut view, request, false)
     }
+    /// The watch events of revisions `from_rev..` on keys in `[key, end)` from the
+    /// stored history, in bounded chunks (see [`mvcc::history`]). `end`: `None` for one
+    /// key, empty for every key from `key`.
+    pub fn history(
+        &self,
+        key: &[u8],
+        end: Option<&[u8]>,
+        from_rev: i64,
+        prev_kv: bool,
+        limits: mvcc::HistoryLimits,
+    ) -> Result<mvcc::HistoryChunk> {
+        mvcc::history(
+            &self.store,
+            &*self.backend,
+            key,
+            end,
+            from_rev,
+            prev_kv,
+            limits,
+        )
+    }
     /// etcd's HashKV at `revision` (0 = current).
     pub fn hash_kv(&self, revision: i64) -> Result<HashKv> {
         let compact_rev = self.store.compact_rev;

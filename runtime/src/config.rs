@@ -124,6 +124,13 @@ pub struct Flags {
     /// (nothing survives the process).
     #[arg(long, env = "ETCD_ENGINE", default_value = default_engine_name())]
     pub engine: String,
+    /// Duration of periodic watch progress notifications (etcd's experimental flag).
+    #[arg(
+        long,
+        env = "ETCD_EXPERIMENTAL_WATCH_PROGRESS_NOTIFY_INTERVAL",
+        default_value = "10m"
+    )]
+    pub experimental_watch_progress_notify_interval: String,
 
     /// Time (in milliseconds) of a heartbeat interval.
     #[arg(long, env = "ETCD_HEARTBEAT_INTERVAL", default_value_t = 100)]
@@ -328,6 +335,9 @@ pub struct Config {
     pub heartbeat_interval: std::time::Duration,
     pub election_timeout: std::time::Duration,
     pub snapshot_count: u64,
+    /// How often a watcher that asked for progress notifications and got no events
+    /// hears the current revision.
+    pub watch_progress_notify_interval: Duration,
 }
 
 /// A configuration error, worded for the operator; `main` prints it and exits non-zero.
@@ -446,6 +456,16 @@ impl Config {
             }
         };
 
+        let watch_progress_notify_interval =
+            parse_go_duration(&flags.experimental_watch_progress_notify_interval)
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| {
+                    ConfigError(format!(
+                        "--experimental-watch-progress-notify-interval: invalid duration {:?}",
+                        flags.experimental_watch_progress_notify_interval
+                    ))
+                })?;
+
         Ok(Self {
             name,
             data_dir,
@@ -465,6 +485,7 @@ impl Config {
             heartbeat_interval: std::time::Duration::from_millis(flags.heartbeat_interval),
             election_timeout: std::time::Duration::from_millis(flags.election_timeout),
             snapshot_count: flags.snapshot_count,
+            watch_progress_notify_interval,
         })
     }
 

@@ -18,6 +18,7 @@ pub mod replication;
 pub mod server;
 pub mod status;
 pub mod storage;
+pub mod watch;
 
 pub use config::{Config, Flags};
 pub use error::{Error, Result};

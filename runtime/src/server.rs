@@ -14,17 +14,19 @@ use metastore_core::{StateMachine, StateMachineConfig};
 use metastore_proto::etcdserverpb::cluster_server::ClusterServer;
 use metastore_proto::etcdserverpb::kv_server::KvServer;
 use metastore_proto::etcdserverpb::maintenance_server::MaintenanceServer;
+use metastore_proto::etcdserverpb::watch_server::WatchServer;
 use metastore_proto::metastore::peer_server::PeerServer;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::api::{Api, ClusterService, KvService, Limits, MaintenanceService};
+use crate::api::{Api, ClusterService, KvService, Limits, MaintenanceService, WatchService};
 use crate::config::Config;
 use crate::membership::member_id;
 use crate::membership::Identity;
 use crate::raft::{RaftConfig, RaftNode};
-use crate::replication::{NoEvents, Replicator};
+use crate::replication::Replicator;
 use crate::storage::Engine;
+use crate::watch::WatchHub;
 
 /// How long shutdown waits for in-flight requests before it stops waiting.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -143,14 +145,10 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
             ..Default::default()
         },
     };
+    let hub = WatchHub::new();
     let log = Arc::new(
-        RaftNode::open(
-            raft_config,
-            state.clone(),
-            engine.backend(),
-            Arc::new(NoEvents),
-        )
-        .map_err(|e| StartError::Log(e.to_string()))?,
+        RaftNode::open(raft_config, state.clone(), engine.backend(), hub.clone())
+            .map_err(|e| StartError::Log(e.to_string()))?,
     );
     let fatal = log.fatal();
     let replica = log.status();
@@ -189,9 +187,16 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     }
     for (url, local, listener) in listeners {
         tracing::info!(address = %local, url = %url, "serving client traffic");
+        let watch = WatchService::new(
+            api.clone(),
+            hub.clone(),
+            config.watch_progress_notify_interval,
+            stop_rx.clone(),
+        );
         let router = services(
             tonic::transport::Server::builder(),
             api.clone(),
+            watch,
             config.grpc_max_recv_bytes(),
         );
         servers.push(tokio::spawn(serve(listener, router, stop_rx.clone())));
@@ -354,11 +359,12 @@ async fn serve(
     }
 }
 
-/// The services every client listener offers. Services not added here (Watch, Lease,
-/// Auth, lock, election) answer `Unimplemented`, as unknown services do in gRPC.
+/// The services every client listener offers. Services not added here (Lease, Auth,
+/// lock, election) answer `Unimplemented`, as unknown services do in gRPC.
 fn services(
     builder: tonic::transport::Server,
     api: Arc<Api>,
+    watch: WatchService,
     max_recv: usize,
 ) -> tonic::transport::server::Router {
     builder
@@ -371,6 +377,11 @@ fn services(
         )
         .add_service(
             MaintenanceServer::new(MaintenanceService::new(api.clone()))
+                .max_decoding_message_size(max_recv)
+                .max_encoding_message_size(usize::MAX),
+        )
+        .add_service(
+            WatchServer::new(watch)
                 .max_decoding_message_size(max_recv)
                 .max_encoding_message_size(usize::MAX),
         )

@@ -25,6 +25,8 @@ pub enum Workload {
     RangeSerializable,
     /// Txn: if version(key) >= 0 (always) then put key else range key.
     Txn,
+    /// One writer, N watchers (`--watchers`, `--same-key`): see `watch_bench`.
+    Watch,
 }
 
 impl Workload {
@@ -34,6 +36,7 @@ impl Workload {
             Workload::RangeLinearizable => "range-linearizable",
             Workload::RangeSerializable => "range-serializable",
             Workload::Txn => "txn",
+            Workload::Watch => "watch",
         }
     }
 }
@@ -181,6 +184,9 @@ pub async fn populate(cfg: &BenchConfig) -> Result<()> {
 
 /// Runs one benchmark and reports.
 pub async fn run(cfg: &BenchConfig) -> Result<BenchReport> {
+    if cfg.workload == Workload::Watch {
+        bail!("the watch workload runs through watch_bench::run_watch");
+    }
     if matches!(
         cfg.workload,
         Workload::RangeLinearizable | Workload::RangeSerializable
@@ -210,6 +216,7 @@ pub async fn run(cfg: &BenchConfig) -> Result<BenchReport> {
                 let key = key_of(next(&mut rng) % cfg.key_space.max(1), cfg.key_size);
                 let t0 = Instant::now();
                 let res = match cfg.workload {
+                    Workload::Watch => unreachable!("refused above"),
                     Workload::Put => kv
                         .put(PutRequest {
                             key,

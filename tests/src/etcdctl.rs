@@ -35,7 +35,7 @@ impl CmdOutput {
     }
 }
 
-fn etcdctl_bin() -> PathBuf {
+pub fn etcdctl_bin() -> PathBuf {
     let p = PathBuf::from(std::env::var("ETCDCTL_BIN").unwrap_or_else(|_| ETCDCTL_BIN.to_string()));
     if !p.is_file() {
         panic!(
@@ -117,4 +117,96 @@ pub fn etcdctl(endpoint: &str, args: &[&str], stdin: Option<&str>) -> CmdOutput 
         .arg("--command-timeout=15s")
         .args(args);
     run_with_timeout(cmd, stdin, ETCDCTL_TIMEOUT)
+}
+
+/// A long-running etcdctl (`watch`) whose standard input stays open until it is
+/// stopped, so interactive mode keeps reading.
+pub struct Background {
+    child: std::process::Child,
+    stdin: Option<std::process::ChildStdin>,
+    out: Option<std::thread::JoinHandle<Vec<u8>>>,
+    err: Option<std::thread::JoinHandle<Vec<u8>>>,
+}
+
+impl Background {
+    /// Starts `etcdctl --endpoints=<endpoint> <args>` in the background.
+    pub fn start(endpoint: &str, args: &[&str]) -> Background {
+        let mut cmd = Command::new(etcdctl_bin());
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("ETCDCTL_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={endpoint}"))
+            .arg("--dial-timeout=5s")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("failed to run {cmd:?}: {e}"));
+        let mut out = child.stdout.take().unwrap();
+        let mut err = child.stderr.take().unwrap();
+        let out = std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = out.read_to_end(&mut v);
+            v
+        });
+        let err = std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = err.read_to_end(&mut v);
+            v
+        });
+        Background {
+            stdin: child.stdin.take(),
+            child,
+            out: Some(out),
+            err: Some(err),
+        }
+    }
+
+    /// Writes a line to its standard input.
+    pub fn line(&mut self, line: &str) {
+        if let Some(s) = self.stdin.as_mut() {
+            let _ = s.write_all(format!("{line}\n").as_bytes());
+            let _ = s.flush();
+        }
+    }
+
+    /// Waits up to `grace` for it to exit by itself, then kills it; returns what it
+    /// printed. The exit code is `None` when it had to be killed.
+    pub fn stop(mut self, grace: Duration) -> CmdOutput {
+        let deadline = Instant::now() + grace;
+        let mut status = None;
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                status = Some(st);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if status.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        self.stdin.take();
+        let stdout = self.out.take().unwrap().join().unwrap();
+        let stderr = self.err.take().unwrap().join().unwrap();
+        CmdOutput {
+            stdout: String::from_utf8_lossy(&stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&stderr).into_owned(),
+            code: status.and_then(|s| s.code()),
+        }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if self.out.is_some() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }

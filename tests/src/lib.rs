@@ -16,6 +16,8 @@ pub mod etcdctl;
 pub mod ops;
 pub mod raw;
 pub mod server;
+pub mod watch;
+pub mod watch_bench;
 
 pub use compare::*;
 pub use etcdctl::*;

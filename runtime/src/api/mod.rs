@@ -1,4 +1,4 @@
-//! The gRPC services (KV, Maintenance, Cluster) and what they share.
+//! The gRPC services (KV, Watch, Maintenance, Cluster) and what they share.
 //!
 //! This module owns the client-facing request path: size and quota limits, etcd's
 //! pre-proposal checks, stamping the replicated envelope, choosing between a log proposal
@@ -25,10 +25,12 @@ pub mod cluster;
 pub mod kv;
 pub mod maintenance;
 mod precheck;
+pub mod watch;
 
 pub use cluster::ClusterService;
 pub use kv::KvService;
 pub use maintenance::MaintenanceService;
+pub use watch::WatchService;
 
 /// Limits from the command line that the request path enforces.
 #[derive(Debug, Clone, Copy)]

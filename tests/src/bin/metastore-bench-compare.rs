@@ -12,6 +12,7 @@ use std::time::Duration;
 use clap::Parser;
 use metastore_tests::bench::{run, BenchConfig, BenchReport, Workload};
 use metastore_tests::cluster::Cluster;
+use metastore_tests::watch_bench::{run_watch, WatchBenchConfig, WatchBenchReport};
 use metastore_tests::{metastore_bin, Engine, Kind, Server};
 
 #[derive(Parser, Debug)]
@@ -32,6 +33,59 @@ struct Args {
     /// clusters, the clients spread over every member's endpoint.
     #[arg(long, default_value_t = 1)]
     members: usize,
+    /// Which tables to produce: kv, watch or all.
+    #[arg(long, default_value = "all")]
+    workloads: String,
+}
+
+/// A watch case: watchers, on one key or one key each, and the writer's put count.
+struct WatchCase {
+    watchers: usize,
+    same_key: bool,
+    writes: u64,
+}
+
+const WATCH_CASES: &[WatchCase] = &[
+    WatchCase {
+        watchers: 1,
+        same_key: true,
+        writes: 2_000,
+    },
+    WatchCase {
+        watchers: 100,
+        same_key: true,
+        writes: 2_000,
+    },
+    WatchCase {
+        watchers: 10_000,
+        same_key: true,
+        writes: 200,
+    },
+    WatchCase {
+        watchers: 100,
+        same_key: false,
+        writes: 2_000,
+    },
+    WatchCase {
+        watchers: 10_000,
+        same_key: false,
+        writes: 2_000,
+    },
+];
+
+async fn watch_bench(s: &Server, c: &WatchCase, a: &Args) -> anyhow::Result<WatchBenchReport> {
+    let cfg = WatchBenchConfig {
+        endpoint: s.endpoint(),
+        watchers: c.watchers,
+        same_key: c.same_key,
+        streams: c.watchers.min(100),
+        conns: 8,
+        writes: ((c.writes as f64) * a.scale).max(1.0) as u64,
+        value_size: a.value_size,
+        duration: Duration::from_secs_f64(a.duration.max(60.0)),
+        server_pid: s.pid(),
+    };
+    run_watch(&cfg).await
 }
 
 struct Case {
@@ -112,7 +166,9 @@ async fn main() -> anyhow::Result<()> {
     } else {
         (
             Cluster::start(Kind::Etcd, a.members, &[]).await.members,
-            Cluster::start(Kind::Metastore(engine), a.members, &[]).await.members,
+            Cluster::start(Kind::Metastore(engine), a.members, &[])
+                .await
+                .members,
         )
     };
     let etcd_eps: Vec<String> = etcd.iter().map(|s| s.endpoint()).collect();
@@ -123,7 +179,8 @@ async fn main() -> anyhow::Result<()> {
         ms.iter().map(|s| s.pid()).collect::<Vec<_>>(),
     );
     let mut rows = Vec::new();
-    for c in CASES {
+    let kv_cases: &[Case] = if a.workloads == "watch" { &[] } else { CASES };
+    for c in kv_cases {
         let e = bench(&etcd_eps, c, &a).await?;
         eprintln!("etcd      {}", e.line());
         let m = bench(&ms_eps, c, &a).await?;
@@ -154,6 +211,57 @@ async fn main() -> anyhow::Result<()> {
             if let Some(err) = &r.first_error {
                 println!("{name}: {who} first error: {err}");
             }
+        }
+    }
+    if a.workloads != "kv" {
+        let mut wrows = Vec::new();
+        for c in WATCH_CASES {
+            // A fresh pair per case, so memory per watcher is not skewed by earlier cases.
+            let etcd = Server::start(Kind::Etcd).await;
+            let ms = Server::start(Kind::Metastore(engine)).await;
+            let e = watch_bench(&etcd, c, &a).await?;
+            eprintln!("etcd      {}", e.line());
+            let m = watch_bench(&ms, c, &a).await?;
+            eprintln!("metastore {}", m.line());
+            wrows.push((e, m));
+        }
+        println!();
+        println!(
+            "| watchers | keys | etcd events/s | metastore events/s | ratio | etcd / metastore events per server CPU-s | etcd p50 / p99 ms | metastore p50 / p99 ms | etcd B/watcher | metastore B/watcher | delivered (etcd/ms) |"
+        );
+        println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for (e, m) in &wrows {
+            let mem = |r: &WatchBenchReport| {
+                r.bytes_per_watcher
+                    .map(|b| format!("{b:.0}"))
+                    .unwrap_or_else(|| "n/a".into())
+            };
+            let per_cpu = |r: &WatchBenchReport| {
+                r.server_cpu_s
+                    .filter(|c| *c > 0.0)
+                    .map(|c| format!("{:.0}", r.delivered as f64 / c))
+                    .unwrap_or_else(|| "n/a".into())
+            };
+            println!(
+                "| {} | {} | {:.0} | {:.0} | {:.2}x | {} / {} | {:.2} / {:.2} | {:.2} / {:.2} | {} | {} | {}/{} of {}/{} |",
+                e.watchers,
+                if e.same_key { "same" } else { "distinct" },
+                e.events_per_sec,
+                m.events_per_sec,
+                m.events_per_sec / e.events_per_sec.max(1e-9),
+                per_cpu(e),
+                per_cpu(m),
+                e.p50_us as f64 / 1000.0,
+                e.p99_us as f64 / 1000.0,
+                m.p50_us as f64 / 1000.0,
+                m.p99_us as f64 / 1000.0,
+                mem(e),
+                mem(m),
+                e.delivered,
+                m.delivered,
+                e.expected,
+                m.expected
+            );
         }
     }
     drop(ms);

@@ -5,11 +5,19 @@
 //!     --total 100000 --duration 60 --key-size 8 --value-size 256 --key-space 10000
 //! ```
 //! Prints ops/s and p50/p99/max latency (add `--json` for one JSON line).
+//!
+//! ```text
+//! metastore-bench --endpoints 127.0.0.1:2379 --workload watch --watchers 10000 \
+//!     [--same-key] --streams 100 --conns 8 --total 1000 --server-pid <pid>
+//! ```
+//! One writer puts `--total` times; prints delivered events/s, put-to-event latency and
+//! the server's memory per idle watcher.
 
 use std::time::Duration;
 
 use clap::Parser;
 use metastore_tests::bench::{run, BenchConfig, Workload};
+use metastore_tests::watch_bench::{run_watch, WatchBenchConfig};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -44,11 +52,43 @@ struct Args {
     /// Print the result as one JSON line.
     #[arg(long)]
     json: bool,
+    /// watch workload: number of watchers.
+    #[arg(long, default_value_t = 100)]
+    watchers: usize,
+    /// watch workload: every watcher on one key (else one key each).
+    #[arg(long)]
+    same_key: bool,
+    /// watch workload: watch streams the watchers are spread over.
+    #[arg(long, default_value_t = 100)]
+    streams: usize,
+    /// watch workload: the server's PID, to report memory per idle watcher.
+    #[arg(long)]
+    server_pid: Option<u32>,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
+    if a.workload == Workload::Watch {
+        let cfg = WatchBenchConfig {
+            endpoint: a.endpoints[0].clone(),
+            watchers: a.watchers,
+            same_key: a.same_key,
+            streams: a.streams,
+            conns: a.conns,
+            writes: a.total,
+            value_size: a.value_size,
+            duration: Duration::from_secs_f64(a.duration),
+            server_pid: a.server_pid,
+        };
+        let r = run_watch(&cfg).await?;
+        if a.json {
+            println!("{}", r.json());
+        } else {
+            println!("{}", r.line());
+        }
+        return Ok(());
+    }
     let cfg = BenchConfig {
         endpoints: a.endpoints,
         clients: a.clients,
