@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use futures::future::BoxFuture;
+use metastore_core::lease::LeaseChange;
 use metastore_core::{ApplyResponse, Backend, Bucket, StateMachine, WriteBatch};
 use metastore_proto::metastore::{InternalRequest, LogEntry};
 use metastore_proto::mvccpb;
@@ -47,6 +48,29 @@ fn write_state(state: &SharedState) -> Result<RwLockWriteGuard<'_, StateMachine>
 pub trait EventSink: Send + Sync + 'static {
     /// The events of one applied entry: one main revision, never empty.
     fn publish(&self, events: Vec<mvccpb::Event>);
+    /// What one applied entry did to the lease table (never empty), on the same path
+    /// and under the same lock as `publish`: the leader's expiry timers follow grants,
+    /// revokes and checkpoints from here, whoever proposed them.
+    fn leases_changed(&self, _changes: &[LeaseChange]) {}
+}
+
+/// Hands every applied entry's output to several sinks, in order (watch hub, lessor).
+pub struct Fanout(pub Vec<Arc<dyn EventSink>>);
+
+impl EventSink for Fanout {
+    fn publish(&self, events: Vec<mvccpb::Event>) {
+        if let Some((last, rest)) = self.0.split_last() {
+            for sink in rest {
+                sink.publish(events.clone());
+            }
+            last.publish(events);
+        }
+    }
+    fn leases_changed(&self, changes: &[LeaseChange]) {
+        for sink in &self.0 {
+            sink.leases_changed(changes);
+        }
+    }
 }
 
 /// A sink for members that serve no watchers (tests of the log alone).
@@ -77,6 +101,9 @@ pub trait Replicator: Send + Sync + 'static {
     /// the call, so a linearizable read may be served locally.
     fn read_barrier(&self) -> BoxFuture<'static, Result<()>>;
     fn status(&self) -> ReplicaStatus;
+    /// Whether this member leads now: only the leader decides lease expiry and renews
+    /// leases. A change of leader shows as a change of `status().term` too.
+    fn is_leader(&self) -> bool;
 }
 
 /// Key of log entry `index` in `Bucket::Log`: a tag byte and the big-endian index, so
@@ -207,6 +234,11 @@ impl Replicator for SingleLog {
                 Ok(())
             }
         })
+    }
+
+    fn is_leader(&self) -> bool {
+        // The only member always leads.
+        true
     }
 
     fn status(&self) -> ReplicaStatus {
@@ -386,6 +418,9 @@ impl Writer {
                     let mut applied = sm.apply(index, &p.request);
                     if !applied.events.is_empty() {
                         self.events.publish(std::mem::take(&mut applied.events));
+                    }
+                    if !applied.lease_changes.is_empty() {
+                        self.events.leases_changed(&applied.lease_changes);
                     }
                     if let Err(e) = &applied.result {
                         if is_fatal(e) {

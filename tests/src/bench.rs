@@ -25,6 +25,9 @@ pub enum Workload {
     RangeSerializable,
     /// Txn: if version(key) >= 0 (always) then put key else range key.
     Txn,
+    /// Grant `--total` leases with one key each and time their expiry
+    /// ([`crate::lease_bench`], not [`run`]).
+    Lease,
 }
 
 impl Workload {
@@ -34,6 +37,7 @@ impl Workload {
             Workload::RangeLinearizable => "range-linearizable",
             Workload::RangeSerializable => "range-serializable",
             Workload::Txn => "txn",
+            Workload::Lease => "lease",
         }
     }
 }
@@ -181,6 +185,9 @@ pub async fn populate(cfg: &BenchConfig) -> Result<()> {
 
 /// Runs one benchmark and reports.
 pub async fn run(cfg: &BenchConfig) -> Result<BenchReport> {
+    if cfg.workload == Workload::Lease {
+        bail!("the lease workload runs through lease_bench::run");
+    }
     if matches!(
         cfg.workload,
         Workload::RangeLinearizable | Workload::RangeSerializable
@@ -251,6 +258,8 @@ pub async fn run(cfg: &BenchConfig) -> Result<BenchReport> {
                         })
                         .await
                         .map(|_| ()),
+                    // Refused at the top of `run`.
+                    Workload::Lease => Ok(()),
                 };
                 match res {
                     Ok(()) => {

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use metastore_tests::bench::{run, BenchConfig, BenchReport, Workload};
+use metastore_tests::lease_bench::{self, fmt_kib, LeaseBenchConfig, LeaseReport};
 use metastore_tests::{metastore_bin, Engine, Kind, Server};
 
 #[derive(Parser, Debug)]
@@ -26,6 +27,29 @@ struct Args {
     engine: String,
     #[arg(long, default_value_t = 256)]
     value_size: usize,
+    /// Also run the lease workload with this many leases (one key each); 0 skips it.
+    #[arg(long, default_value_t = 0)]
+    leases: u64,
+    /// TTL of the lease workload's leases, seconds.
+    #[arg(long, default_value_t = 60)]
+    lease_ttl: i64,
+    /// Only run the lease workload.
+    #[arg(long)]
+    lease_only: bool,
+}
+
+async fn lease_case(s: &Server, a: &Args) -> anyhow::Result<LeaseReport> {
+    lease_bench::run(&LeaseBenchConfig {
+        endpoint: s.endpoint(),
+        clients: 64,
+        conns: 8,
+        leases: a.leases,
+        ttl: a.lease_ttl,
+        poll: Duration::from_millis(10),
+        server_pid: s.pid(),
+        give_up: Duration::from_secs(120),
+    })
+    .await
 }
 
 struct Case {
@@ -108,7 +132,8 @@ async fn main() -> anyhow::Result<()> {
         ms.pid()
     );
     let mut rows = Vec::new();
-    for c in CASES {
+    let cases: &[Case] = if a.lease_only { &[] } else { CASES };
+    for c in cases {
         let e = bench(&etcd, c, &a).await?;
         eprintln!("etcd      {}", e.line());
         let m = bench(&ms, c, &a).await?;
@@ -139,6 +164,32 @@ async fn main() -> anyhow::Result<()> {
             if let Some(err) = &r.first_error {
                 println!("{name}: {who} first error: {err}");
             }
+        }
+    }
+    if a.leases > 0 {
+        let e = lease_case(&etcd, &a).await?;
+        eprintln!("etcd      {}", e.line());
+        let m = lease_case(&ms, &a).await?;
+        eprintln!("metastore {}", m.line());
+        println!();
+        println!(
+            "| lease workload ({} leases, TTL {} s) | grant s | put s | RSS before | RSS loaded | TTL end to delete p50 / p99 / max ms | drain s | left |",
+            a.leases, a.lease_ttl
+        );
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+        for (who, r) in [("etcd", &e), ("metastore", &m)] {
+            println!(
+                "| {who} | {:.1} | {:.1} | {} | {} | {:.0} / {:.0} / {:.0} | {:.2} | {} |",
+                r.grant_secs,
+                r.put_secs,
+                fmt_kib(r.rss_before_kib),
+                fmt_kib(r.rss_loaded_kib),
+                r.p50_ms,
+                r.p99_ms,
+                r.max_ms,
+                r.drain_secs,
+                r.left_over
+            );
         }
     }
     drop(ms);

@@ -5,11 +5,16 @@
 //!     --total 100000 --duration 60 --key-size 8 --value-size 256 --key-space 10000
 //! ```
 //! Prints ops/s and p50/p99/max latency (add `--json` for one JSON line).
+//!
+//! `--workload lease --total 100000 --lease-ttl 60 [--server-pid PID]` grants that many
+//! leases with one key each and reports the delay from TTL end to deletion (p50/p99) and,
+//! with the server's PID, its memory (see `metastore_tests::lease_bench`).
 
 use std::time::Duration;
 
 use clap::Parser;
 use metastore_tests::bench::{run, BenchConfig, Workload};
+use metastore_tests::lease_bench::{self, LeaseBenchConfig};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -41,6 +46,12 @@ struct Args {
     /// Number of distinct keys.
     #[arg(long, default_value_t = 10_000)]
     key_space: u64,
+    /// Lease workload: TTL of every lease, seconds (must outlast granting and attaching).
+    #[arg(long, default_value_t = 60)]
+    lease_ttl: i64,
+    /// Lease workload: the server's PID, to report its memory.
+    #[arg(long)]
+    server_pid: Option<u32>,
     /// Print the result as one JSON line.
     #[arg(long)]
     json: bool,
@@ -49,6 +60,21 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
+    if a.workload == Workload::Lease {
+        let r = lease_bench::run(&LeaseBenchConfig {
+            endpoint: a.endpoints[0].clone(),
+            clients: a.clients,
+            conns: a.conns,
+            leases: a.total,
+            ttl: a.lease_ttl,
+            poll: Duration::from_millis(10),
+            server_pid: a.server_pid,
+            give_up: Duration::from_secs_f64(a.duration),
+        })
+        .await?;
+        println!("{}", r.line());
+        return Ok(());
+    }
     let cfg = BenchConfig {
         endpoints: a.endpoints,
         clients: a.clients,
