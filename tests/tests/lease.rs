@@ -206,6 +206,19 @@ async fn lease_answers_and_errors_match_etcd() {
             Some(PutOptions::new().with_lease(a))
         ));
         same!(b, "revoke without keys", |c| c.lease_revoke(0x78));
+        // ID 0 (etcd's NoLease) everywhere a client can send it.
+        same!(b, "revoke 0", |c| c.lease_revoke(0));
+        same!(b, "timetolive 0", |c| c.lease_time_to_live(0, None));
+        same!(b, "keepalive 0", |c| async {
+            let (mut keeper, mut stream) = c.lease_keep_alive(0).await?;
+            keeper.keep_alive().await?;
+            stream.message().await
+        });
+        same!(b, "put lease -1", |c| c.put(
+            "k1",
+            "v",
+            Some(PutOptions::new().with_lease(-1))
+        ));
         // Server-chosen IDs: positive, distinct, TTL as asked.
         for c in [&mut b.e, &mut b.s] {
             let g1 = bounded("grant", c.lease_grant(30, None)).await.unwrap();
@@ -584,6 +597,68 @@ async fn mass_expiry_revokes_everything() {
         }
         let leases = bounded("leases", c.leases()).await.unwrap();
         assert!(leases.leases().is_empty());
+    })
+    .await;
+}
+
+/// With `--experimental-enable-lease-checkpoint`, the leader checkpoints remaining TTLs
+/// and a restart resumes from the checkpoint (plus the election-timeout extension) rather
+/// than from the full TTL. MetaStore persists checkpoints, as etcd 3.6 (and 3.5 with
+/// `--experimental-enable-lease-checkpoint-persist`) does; etcd 3.4 keeps them in memory
+/// only, so this runs on the subject alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpointed_remaining_ttl_survives_restart() {
+    test_bounded(Duration::from_secs(120), async {
+        let kind = match Kind::subject() {
+            Kind::Etcd | Kind::Metastore(Engine::Memory) => Kind::Metastore(Engine::RocksDb),
+            k => k,
+        };
+        let mut s = Server::start_with(
+            kind,
+            &[
+                "--experimental-enable-lease-checkpoint",
+                "--experimental-lease-checkpoint-interval",
+                "1s",
+            ],
+        )
+        .await;
+        let mut c = s.etcd_client().await;
+        let g = bounded("grant", c.lease_grant(30, None)).await.unwrap();
+        bounded(
+            "put",
+            c.put("cp", "v", Some(PutOptions::new().with_lease(g.id()))),
+        )
+        .await
+        .unwrap();
+        // Several checkpoints go by (one per second).
+        tokio::time::sleep(Duration::from_millis(4500)).await;
+        drop(c);
+        s.terminate(Duration::from_secs(30));
+        s.restart().await;
+        let mut c = s.etcd_client().await;
+        let t = bounded("ttl", c.lease_time_to_live(g.id(), None))
+            .await
+            .unwrap();
+        // Without checkpoints this would be 30 (full TTL + 1 s, truncated).
+        assert!(
+            (24..=28).contains(&t.ttl()),
+            "remaining TTL {} after restart",
+            t.ttl()
+        );
+        assert_eq!(t.granted_ttl(), 30);
+        // A renewal clears the checkpoint: the full TTL is back, also after a restart.
+        let (mut keeper, mut stream) = bounded("ka", c.lease_keep_alive(g.id())).await.unwrap();
+        bounded("ka send", keeper.keep_alive()).await.unwrap();
+        let r = bounded("ka recv", stream.message()).await.unwrap().unwrap();
+        assert_eq!(r.ttl(), 30);
+        drop((keeper, stream, c));
+        s.terminate(Duration::from_secs(30));
+        s.restart().await;
+        let mut c = s.etcd_client().await;
+        let t = bounded("ttl", c.lease_time_to_live(g.id(), None))
+            .await
+            .unwrap();
+        assert!((27..=31).contains(&t.ttl()), "remaining TTL {}", t.ttl());
     })
     .await;
 }
