@@ -1,16 +1,19 @@
 //! The lease table: which leases exist and which keys are attached to each (etcd's
 //! `lessor`, minus everything about time).
 //!
-//! Owns lease existence and key attachment as the key space sees them: a Put naming a
-//! lease that is not here fails with `LeaseNotFound`, and a key written with a lease is
-//! attached to it so that revoking the lease can delete it. Leases are persisted in the
-//! Lease bucket as etcd does (8-byte big-endian ID -> `leasepb.Lease`); attachments are
-//! not persisted but rebuilt from the keys' `lease` field on open, as etcd rebuilds them.
+//! Owns lease existence, granted TTLs, the last checkpointed remaining TTL, and key
+//! attachment as the key space sees them: a Put naming a lease that is not here fails with
+//! `LeaseNotFound`, and a key written with a lease is attached to it so that revoking the
+//! lease deletes it. Leases are persisted in the Lease bucket as etcd does (8-byte
+//! big-endian ID -> `leasepb.Lease`), in the same batch as the entry that changed them;
+//! attachments are not persisted but rebuilt from the keys' `lease` field on open, as etcd
+//! rebuilds them. The Lease bucket is part of the engine, so whatever carries the engine's
+//! buckets (a snapshot) carries the lease table.
 //!
-//! It must never read a clock or decide expiry: expiry is decided by the leader in
-//! `runtime` and arrives as a replicated revoke. Granting, revoking, checkpointing and
-//! TTL bookkeeping land with the lease issue; until then no lease can exist, so every Put
-//! with a lease fails exactly as etcd fails for an unknown lease.
+//! It must never read a clock, decide expiry or choose IDs: the ID of a grant is chosen by
+//! the proposer, the minimum TTL is raised by the proposer (it is a per-member flag), and
+//! expiry is decided by the leader in `runtime` and arrives as a replicated revoke. What
+//! changed is reported as [`LeaseChange`]s so the leader's timers can follow the table.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -30,6 +33,16 @@ pub struct LeaseRecord {
     pub remaining_ttl: i64,
 }
 
+impl LeaseRecord {
+    pub fn of(lease: &Lease) -> Self {
+        Self {
+            id: lease.id,
+            ttl: lease.ttl,
+            remaining_ttl: lease.remaining_ttl,
+        }
+    }
+}
+
 /// Key of a lease in the Lease bucket (etcd's `int64ToBytes`).
 pub fn lease_key(id: i64) -> [u8; 8] {
     (id as u64).to_be_bytes()
@@ -45,6 +58,27 @@ pub struct Lease {
     pub remaining_ttl: i64,
     /// Keys currently attached.
     pub keys: BTreeSet<Vec<u8>>,
+}
+
+/// etcd's `MaxLeaseTTL`: the largest TTL a grant may ask for, in seconds.
+pub const MAX_LEASE_TTL: i64 = 9_000_000_000;
+
+/// What one applied entry did to the lease table, in apply order: what the leader's
+/// expiry timers in `runtime` follow (they never scan the table while leading).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseChange {
+    Granted {
+        id: i64,
+        ttl: i64,
+    },
+    Revoked {
+        id: i64,
+    },
+    /// A checkpoint stored this remaining TTL (0 clears it).
+    Checkpointed {
+        id: i64,
+        remaining_ttl: i64,
+    },
 }
 
 /// The lease table. `0` is never a lease ID (etcd's `NoLease`).
@@ -119,6 +153,61 @@ impl Lessor {
         }
     }
 
+    /// etcd's checks of a grant, in etcd's order (`lessor.Grant`): the ID must not be
+    /// `NoLease`, the TTL must not exceed [`MAX_LEASE_TTL`], the ID must be free.
+    pub fn check_grant(&self, id: i64, ttl: i64) -> Result<()> {
+        if id == 0 {
+            return Err(Error::LeaseNotFound);
+        }
+        if ttl > MAX_LEASE_TTL {
+            return Err(Error::LeaseTtlTooLarge);
+        }
+        if self.leases.contains_key(&id) {
+            return Err(Error::LeaseExists);
+        }
+        Ok(())
+    }
+
+    /// Adds a granted lease (after `check_grant` passed and its record was written).
+    pub fn insert(&mut self, id: i64, ttl: i64) {
+        self.leases.insert(
+            id,
+            Lease {
+                id,
+                ttl,
+                remaining_ttl: 0,
+                keys: BTreeSet::new(),
+            },
+        );
+    }
+
+    /// Removes a lease and every attachment to it; returns what it was.
+    pub fn remove(&mut self, id: i64) -> Option<Lease> {
+        let lease = self.leases.remove(&id)?;
+        for key in &lease.keys {
+            if self.key_lease.get(key) == Some(&id) {
+                self.key_lease.remove(key);
+            }
+        }
+        Some(lease)
+    }
+
+    /// Records a checkpointed remaining TTL; false when the lease does not exist.
+    pub fn set_remaining_ttl(&mut self, id: i64, remaining_ttl: i64) -> bool {
+        match self.leases.get_mut(&id) {
+            Some(lease) => {
+                lease.remaining_ttl = remaining_ttl;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Every live lease, in ID order.
+    pub fn leases(&self) -> impl Iterator<Item = &Lease> {
+        self.leases.values()
+    }
+
     /// Number of live leases.
     pub fn len(&self) -> usize {
         self.leases.len()
@@ -166,6 +255,46 @@ mod tests {
         l.detach(b"a");
         assert_eq!(l.lease_of(b"a"), 0);
         assert!(l.lookup(7).unwrap().keys.is_empty());
+    }
+
+    #[test]
+    fn grant_checks_follow_etcd_order() {
+        let mut l = Lessor::default();
+        assert_eq!(l.check_grant(0, 10), Err(Error::LeaseNotFound));
+        assert_eq!(
+            l.check_grant(0, MAX_LEASE_TTL + 1),
+            Err(Error::LeaseNotFound)
+        );
+        assert_eq!(
+            l.check_grant(1, MAX_LEASE_TTL + 1),
+            Err(Error::LeaseTtlTooLarge)
+        );
+        assert_eq!(l.check_grant(1, MAX_LEASE_TTL), Ok(()));
+        l.insert(1, 5);
+        assert_eq!(l.check_grant(1, 5), Err(Error::LeaseExists));
+        assert_eq!(
+            l.check_grant(1, MAX_LEASE_TTL + 1),
+            Err(Error::LeaseTtlTooLarge)
+        );
+        assert_eq!(l.check_grant(-3, 5), Ok(()));
+    }
+
+    #[test]
+    fn remove_drops_attachments() {
+        let mut l = Lessor::default();
+        l.insert(1, 5);
+        l.insert(2, 5);
+        l.attach(1, b"a").unwrap();
+        l.attach(2, b"b").unwrap();
+        assert!(l.set_remaining_ttl(1, 3));
+        assert!(!l.set_remaining_ttl(9, 3));
+        let gone = l.remove(1).unwrap();
+        assert_eq!(gone.remaining_ttl, 3);
+        assert_eq!(gone.keys.len(), 1);
+        assert_eq!(l.lease_of(b"a"), 0);
+        assert_eq!(l.lease_of(b"b"), 2);
+        assert!(l.remove(1).is_none());
+        assert_eq!(l.leases().map(|l| l.id).collect::<Vec<_>>(), vec![2]);
     }
 
     #[test]

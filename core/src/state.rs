@@ -7,13 +7,14 @@
 
 use metastore_proto::etcdserverpb as pb;
 use metastore_proto::metastore::internal_request::Request;
-use metastore_proto::metastore::InternalRequest;
+use metastore_proto::metastore::{InternalRequest, LeaseGrant};
 use metastore_proto::mvccpb;
 
 use crate::backend::{Backend, BatchOp, Bucket, WriteBatch};
 use crate::error::{Error, Result};
 use crate::kv;
-use crate::mvcc::{self, ReadTxn, Store, WriteTxn};
+use crate::lease::{lease_key, LeaseChange, LeaseRecord, Lessor};
+use crate::mvcc::{self, KvTxn, ReadTxn, Store, WriteTxn};
 use crate::revision::Revision;
 use crate::validate;
 
@@ -51,6 +52,9 @@ pub enum ApplyResponse {
     Range(pb::RangeResponse),
     /// A membership change: the members after it.
     Members(Vec<pb::Member>),
+    LeaseGrant(pb::LeaseGrantResponse),
+    LeaseRevoke(pb::LeaseRevokeResponse),
+    LeaseCheckpoint(pb::LeaseCheckpointResponse),
 }
 
 /// What applying one log entry produced.
@@ -62,6 +66,20 @@ pub struct Applied {
     pub result: Result<ApplyResponse>,
     /// Watch events this entry produced, in revision order (all share one main revision).
     pub events: Vec<mvccpb::Event>,
+    /// What this entry did to the lease table (grants, revokes, checkpoints), for the
+    /// leader's expiry timers; empty for most entries.
+    pub lease_changes: Vec<LeaseChange>,
+}
+
+impl Applied {
+    fn new(index: u64, result: Result<ApplyResponse>) -> Self {
+        Self {
+            index,
+            result,
+            events: Vec::new(),
+            lease_changes: Vec::new(),
+        }
+    }
 }
 
 /// Result of `hash_kv`, etcd's HashKV.
@@ -122,6 +140,10 @@ impl StateMachine {
     pub fn compacted_revision(&self) -> i64 {
         self.store.compact_rev.max(0)
     }
+    /// The lease table (leases, granted and checkpointed TTLs, attached keys).
+    pub fn lessor(&self) -> &Lessor {
+        &self.store.lessor
+    }
     /// The lease a key is attached to (0 = none).
     pub fn lease_of(&self, key: &[u8]) -> i64 {
         self.store.lessor.lease_of(key)
@@ -133,14 +155,13 @@ impl StateMachine {
     /// after a restart is idempotent.
     pub fn apply(&mut self, index: u64, request: &InternalRequest) -> Applied {
         if index <= self.applied_index {
-            return Applied {
+            return Applied::new(
                 index,
-                result: Err(Error::AlreadyApplied {
+                Err(Error::AlreadyApplied {
                     index,
                     applied: self.applied_index,
                 }),
-                events: Vec::new(),
-            };
+            );
         }
         let Some(req) = &request.request else {
             return self.finish_without_changes(
@@ -175,9 +196,9 @@ impl StateMachine {
                 self.finish_without_changes(index, result)
             }
             Request::Compaction(c) => self.apply_compaction(index, c),
-            Request::LeaseGrant(_) => self.unimplemented(index, "lease grant"),
-            Request::LeaseRevoke(_) => self.unimplemented(index, "lease revoke"),
-            Request::LeaseCheckpoint(_) => self.unimplemented(index, "lease checkpoint"),
+            Request::LeaseGrant(g) => self.apply_lease_grant(index, g),
+            Request::LeaseRevoke(r) => self.apply_lease_revoke(index, r.id),
+            Request::LeaseCheckpoint(c) => self.apply_lease_checkpoint(index, c),
             Request::Alarm(_) => self.unimplemented(index, "alarm"),
             Request::AuthEnable(_) => self.unimplemented(index, "auth enable"),
             Request::AuthDisable(_) => self.unimplemented(index, "auth disable"),
@@ -223,17 +244,9 @@ impl StateMachine {
         match self.backend.write(batch) {
             Ok(()) => {
                 self.applied_index = index;
-                Applied {
-                    index,
-                    result,
-                    events: Vec::new(),
-                }
+                Applied::new(index, result)
             }
-            Err(e) => Applied {
-                index,
-                result: Err(e.into()),
-                events: Vec::new(),
-            },
+            Err(e) => Applied::new(index, Err(e.into())),
         }
     }
 
@@ -250,16 +263,11 @@ impl StateMachine {
                 Ok(committed) => {
                     self.applied_index = index;
                     Applied {
-                        index,
-                        result: Ok(resp),
                         events: committed.events,
+                        ..Applied::new(index, Ok(resp))
                     }
                 }
-                Err(e) => Applied {
-                    index,
-                    result: Err(e),
-                    events: Vec::new(),
-                },
+                Err(e) => Applied::new(index, Err(e)),
             },
             Err(e) => {
                 w.abort();
@@ -282,13 +290,7 @@ impl StateMachine {
         let keep = self.store.index.compaction_keep(rev);
         let deletes = match mvcc::compaction_deletes(&*self.backend, rev, &keep) {
             Ok(d) => d,
-            Err(e) => {
-                return Applied {
-                    index,
-                    result: Err(e),
-                    events: Vec::new(),
-                }
-            }
+            Err(e) => return Applied::new(index, Err(e)),
         };
         let rev_bytes = Revision::new(rev, 0).to_bytes(false);
         let mut batch = WriteBatch::new();
@@ -299,24 +301,160 @@ impl StateMachine {
         batch.put(Bucket::Meta, mvcc::FINISHED_COMPACT_KEY, rev_bytes);
         batch.ops.push(Self::index_op(index));
         if let Err(e) = self.backend.write(batch) {
-            return Applied {
-                index,
-                result: Err(e.into()),
-                events: Vec::new(),
-            };
+            return Applied::new(index, Err(e.into()));
         }
         self.store.index.compact(rev);
         self.store.compact_rev = rev;
         self.applied_index = index;
-        Applied {
+        Applied::new(
             index,
-            result: Ok(ApplyResponse::Compaction(pb::CompactionResponse {
+            Ok(ApplyResponse::Compaction(pb::CompactionResponse {
                 header: Some(pb::ResponseHeader {
                     revision: self.store.current_rev,
                     ..Default::default()
                 }),
             })),
-            events: Vec::new(),
+        )
+    }
+
+    fn header(&self) -> Option<pb::ResponseHeader> {
+        Some(pb::ResponseHeader {
+            revision: self.store.current_rev,
+            ..Default::default()
+        })
+    }
+
+    /// etcd's `LeaseGrant` apply with the ID and (already raised) TTL the proposer chose:
+    /// the lease record and the applied index in one batch; the revision does not move.
+    fn apply_lease_grant(&mut self, index: u64, g: &LeaseGrant) -> Applied {
+        if let Err(e) = self.store.lessor.check_grant(g.id, g.ttl) {
+            return self.finish_without_changes(index, Err(e));
+        }
+        if g.ttl <= 0 {
+            // The proposer raises every TTL to the member's minimum before proposing.
+            return self.finish_without_changes(
+                index,
+                Err(Error::MalformedRequest(format!(
+                    "lease grant with TTL {} (the proposer raises TTLs to the minimum)",
+                    g.ttl
+                ))),
+            );
+        }
+        let record = LeaseRecord {
+            id: g.id,
+            ttl: g.ttl,
+            remaining_ttl: 0,
+        };
+        let mut batch = WriteBatch::new();
+        batch.put(
+            Bucket::Lease,
+            lease_key(g.id),
+            prost::Message::encode_to_vec(&record),
+        );
+        batch.ops.push(Self::index_op(index));
+        if let Err(e) = self.backend.write(batch) {
+            return Applied::new(index, Err(e.into()));
+        }
+        self.store.lessor.insert(g.id, g.ttl);
+        self.applied_index = index;
+        Applied {
+            lease_changes: vec![LeaseChange::Granted {
+                id: g.id,
+                ttl: g.ttl,
+            }],
+            ..Applied::new(
+                index,
+                Ok(ApplyResponse::LeaseGrant(pb::LeaseGrantResponse {
+                    header: self.header(),
+                    id: g.id,
+                    ttl: g.ttl,
+                    error: String::new(),
+                })),
+            )
+        }
+    }
+
+    /// etcd's `Revoke`: every attached key is deleted in one write transaction (one
+    /// revision, in key order, as etcd sorts them), and the lease record goes in the same
+    /// batch. A lease with no keys changes no revision.
+    fn apply_lease_revoke(&mut self, index: u64, id: i64) -> Applied {
+        let keys: Vec<Vec<u8>> = match self.store.lessor.lookup(id) {
+            Some(lease) => lease.keys.iter().cloned().collect(),
+            None => return self.finish_without_changes(index, Err(Error::LeaseNotFound)),
+        };
+        let mut w = WriteTxn::begin(&mut self.store, &*self.backend);
+        for key in &keys {
+            if let Err(e) = w.delete_range(key, None) {
+                w.abort();
+                return self.finish_without_changes(index, Err(e));
+            }
+        }
+        let extra = vec![
+            BatchOp::Delete {
+                bucket: Bucket::Lease,
+                key: lease_key(id).to_vec(),
+            },
+            Self::index_op(index),
+        ];
+        match w.commit(extra) {
+            Ok(committed) => {
+                self.store.lessor.remove(id);
+                self.applied_index = index;
+                Applied {
+                    events: committed.events,
+                    lease_changes: vec![LeaseChange::Revoked { id }],
+                    ..Applied::new(
+                        index,
+                        Ok(ApplyResponse::LeaseRevoke(pb::LeaseRevokeResponse {
+                            header: self.header(),
+                        })),
+                    )
+                }
+            }
+            Err(e) => Applied::new(index, Err(e)),
+        }
+    }
+
+    /// etcd's `Checkpoint`: stores each existing lease's remaining TTL (unknown IDs are
+    /// skipped, as etcd skips them); the expiry itself stays the leader's business.
+    fn apply_lease_checkpoint(&mut self, index: u64, c: &pb::LeaseCheckpointRequest) -> Applied {
+        let mut batch = WriteBatch::new();
+        let mut changes = Vec::new();
+        for cp in &c.checkpoints {
+            if let Some(lease) = self.store.lessor.lookup(cp.id) {
+                let mut record = LeaseRecord::of(lease);
+                record.remaining_ttl = cp.remaining_ttl;
+                batch.put(
+                    Bucket::Lease,
+                    lease_key(cp.id),
+                    prost::Message::encode_to_vec(&record),
+                );
+                changes.push(LeaseChange::Checkpointed {
+                    id: cp.id,
+                    remaining_ttl: cp.remaining_ttl,
+                });
+            }
+        }
+        batch.ops.push(Self::index_op(index));
+        if let Err(e) = self.backend.write(batch) {
+            return Applied::new(index, Err(e.into()));
+        }
+        for change in &changes {
+            if let LeaseChange::Checkpointed { id, remaining_ttl } = *change {
+                self.store.lessor.set_remaining_ttl(id, remaining_ttl);
+            }
+        }
+        self.applied_index = index;
+        Applied {
+            lease_changes: changes,
+            ..Applied::new(
+                index,
+                Ok(ApplyResponse::LeaseCheckpoint(
+                    pb::LeaseCheckpointResponse {
+                        header: self.header(),
+                    },
+                )),
+            )
         }
     }
 

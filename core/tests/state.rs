@@ -873,8 +873,9 @@ fn apply_is_idempotent_and_envelope_kinds() {
     assert_eq!(h.sm.applied_index(), 6);
     h.idx = 6;
     // Later kinds are refused loudly.
+    // A grant without an ID is etcd's NoLease: not found.
     let a = h.apply(Request::LeaseGrant(Default::default()));
-    assert!(matches!(a.result, Err(Error::Unimplemented(_))));
+    assert_eq!(a.result, Err(Error::LeaseNotFound));
     let a = h.apply(Request::AuthEnable(Default::default()));
     assert!(matches!(a.result, Err(Error::Unimplemented(_))));
     // A range through the log.

@@ -138,6 +138,19 @@ pub struct Flags {
     /// Time (in milliseconds) for an election to timeout.
     #[arg(long, env = "ETCD_ELECTION_TIMEOUT", default_value_t = 1000)]
     pub election_timeout: u64,
+    /// Enable the primary lessor to persist lease remaining TTLs (lease checkpoints), so a
+    /// new leader (or a restart) does not start long-lived leases over at their full TTL.
+    #[arg(long, env = "ETCD_EXPERIMENTAL_ENABLE_LEASE_CHECKPOINT", default_value_t = false,
+          num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub experimental_enable_lease_checkpoint: bool,
+    /// How often the leader checkpoints each lease's remaining TTL when lease checkpoints
+    /// are enabled (a Go duration; etcd's built-in default is 5m).
+    #[arg(
+        long,
+        env = "ETCD_EXPERIMENTAL_LEASE_CHECKPOINT_INTERVAL",
+        default_value = "5m"
+    )]
+    pub experimental_lease_checkpoint_interval: String,
     /// Number of committed transactions to trigger a snapshot to disk (and a raft log
     /// compaction).
     #[arg(long, env = "ETCD_SNAPSHOT_COUNT", default_value_t = 100_000)]
@@ -338,6 +351,13 @@ pub struct Config {
     /// How often a watcher that asked for progress notifications and got no events
     /// hears the current revision.
     pub watch_progress_notify_interval: Duration,
+    /// etcd's minimum lease TTL in seconds: 1.5 election timeouts (in whole heartbeat
+    /// ticks), rounded up to a second (2 with the defaults). Grants below it are raised.
+    pub min_lease_ttl: i64,
+    /// Lease checkpoint interval when `--experimental-enable-lease-checkpoint` is on.
+    pub lease_checkpoint_interval: Option<Duration>,
+    /// etcd's `leaseRevokeRate`: at most this many expired leases revoked per second.
+    pub lease_revoke_rate: u32,
 }
 
 /// A configuration error, worded for the operator; `main` prints it and exits non-zero.
@@ -465,8 +485,25 @@ impl Config {
                         flags.experimental_watch_progress_notify_interval
                     ))
                 })?;
+        let min_lease_ttl = min_lease_ttl(flags.heartbeat_interval, flags.election_timeout);
+        let lease_checkpoint_interval = if flags.experimental_enable_lease_checkpoint {
+            let text = flags.experimental_lease_checkpoint_interval.trim();
+            match parse_go_duration(text) {
+                Some(d) if !d.is_zero() => Some(d),
+                _ => {
+                    return Err(ConfigError(format!(
+                        "--experimental-lease-checkpoint-interval: invalid duration {text:?}"
+                    )))
+                }
+            }
+        } else {
+            None
+        };
 
         Ok(Self {
+            min_lease_ttl,
+            lease_checkpoint_interval,
+            lease_revoke_rate: DEFAULT_LEASE_REVOKE_RATE,
             name,
             data_dir,
             listen_client_urls,
@@ -517,6 +554,18 @@ impl Config {
             .map(Vec::as_slice)
             .unwrap_or(&[])
     }
+}
+
+/// etcd's `leaseRevokeRate`.
+pub const DEFAULT_LEASE_REVOKE_RATE: u32 = 1000;
+
+/// etcd's minimum lease TTL: `(3 * electionTicks / 2) * heartbeat`, with electionTicks =
+/// election timeout / heartbeat interval (integer ticks), rounded up to whole seconds.
+pub fn min_lease_ttl(heartbeat_ms: u64, election_timeout_ms: u64) -> i64 {
+    let ticks = election_timeout_ms / heartbeat_ms.max(1);
+    let min_ms = (3 * ticks / 2) * heartbeat_ms;
+    // A TTL of 0 cannot be granted (core refuses it), whatever the timing flags say.
+    (min_ms.div_ceil(1000) as i64).max(1)
 }
 
 fn initial_cluster_from_name(name: &str, peer_urls: &[HttpUrl]) -> String {
@@ -710,6 +759,46 @@ mod tests {
         assert_eq!(c.auto_compaction, None);
         assert_eq!(c.initial_cluster_state, ClusterState::New);
         assert_eq!(c.log_level, LogLevel::Info);
+        assert_eq!(c.min_lease_ttl, 2);
+        assert_eq!(c.election_timeout, Duration::from_secs(1));
+        assert_eq!(c.lease_checkpoint_interval, None);
+        assert_eq!(c.lease_revoke_rate, 1000);
+    }
+
+    #[test]
+    fn lease_flags() {
+        // etcd: (3 * ticks / 2) * heartbeat, rounded up to seconds.
+        assert_eq!(min_lease_ttl(100, 1000), 2);
+        assert_eq!(min_lease_ttl(100, 500), 1);
+        assert_eq!(min_lease_ttl(100, 3000), 5);
+        assert_eq!(min_lease_ttl(300, 1000), 2); // 3 ticks -> 4 * 300 ms
+        assert_eq!(min_lease_ttl(1000, 100), 1);
+        let c = parse(&["--engine", "memory", "--election-timeout", "3000"]).unwrap();
+        assert_eq!(c.min_lease_ttl, 5);
+        let c = parse(&[
+            "--engine",
+            "memory",
+            "--experimental-enable-lease-checkpoint",
+        ])
+        .unwrap();
+        assert_eq!(c.lease_checkpoint_interval, Some(Duration::from_secs(300)));
+        let c = parse(&[
+            "--engine",
+            "memory",
+            "--experimental-enable-lease-checkpoint=true",
+            "--experimental-lease-checkpoint-interval",
+            "2s",
+        ])
+        .unwrap();
+        assert_eq!(c.lease_checkpoint_interval, Some(Duration::from_secs(2)));
+        assert!(parse(&[
+            "--engine",
+            "memory",
+            "--experimental-enable-lease-checkpoint",
+            "--experimental-lease-checkpoint-interval",
+            "soon",
+        ])
+        .is_err());
     }
 
     #[cfg(feature = "rocksdb")]

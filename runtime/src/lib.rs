@@ -7,11 +7,13 @@
 //!
 //! Layers, outside in: [`config`] → [`server`] (assembly, shutdown) → [`api`] (services)
 //! → [`replication`] (the log seam) → core's `StateMachine` → [`storage`] (engines).
+//! Beside them run the timers: [`compactor`] and [`lessor`] (the leader's lease expiry).
 
 pub mod api;
 pub mod compactor;
 pub mod config;
 pub mod error;
+pub mod lessor;
 pub mod membership;
 pub mod raft;
 pub mod replication;

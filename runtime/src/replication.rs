@@ -15,6 +15,7 @@
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 use futures::future::BoxFuture;
+use metastore_core::lease::LeaseChange;
 use metastore_core::{ApplyResponse, StateMachine};
 use metastore_proto::metastore::{InternalRequest, MemberChange};
 use metastore_proto::mvccpb;
@@ -40,6 +41,38 @@ pub fn read_state(state: &SharedState) -> Result<RwLockReadGuard<'_, StateMachin
 pub trait EventSink: Send + Sync + 'static {
     /// The events of one applied entry: one main revision, never empty.
     fn publish(&self, events: Vec<mvccpb::Event>);
+    /// What one applied entry did to the lease table (never empty), on the same path
+    /// and under the same lock as `publish`: the leader's expiry timers follow grants,
+    /// revokes and checkpoints from here, whoever proposed them.
+    fn leases_changed(&self, _changes: &[LeaseChange]) {}
+    /// The whole state was replaced by a snapshot (a member that fell far behind): what
+    /// a sink derived from earlier entries must be rebuilt from the state. Called under
+    /// the state machine's write lock, like `publish`.
+    fn restored(&self, _state: &StateMachine) {}
+}
+
+/// Hands every applied entry's output to several sinks, in order (watch hub, lessor).
+pub struct Fanout(pub Vec<Arc<dyn EventSink>>);
+
+impl EventSink for Fanout {
+    fn publish(&self, events: Vec<mvccpb::Event>) {
+        if let Some((last, rest)) = self.0.split_last() {
+            for sink in rest {
+                sink.publish(events.clone());
+            }
+            last.publish(events);
+        }
+    }
+    fn leases_changed(&self, changes: &[LeaseChange]) {
+        for sink in &self.0 {
+            sink.leases_changed(changes);
+        }
+    }
+    fn restored(&self, state: &StateMachine) {
+        for sink in &self.0 {
+            sink.restored(state);
+        }
+    }
 }
 
 /// A sink for members that serve no watchers.
@@ -77,4 +110,7 @@ pub trait Replicator: Send + Sync + 'static {
     fn change_members(&self, change: MemberChange) -> BoxFuture<'static, Result<ApplyResponse>>;
     /// Hands leadership to `target` (etcd's MoveLeader); resolves once it leads.
     fn move_leader(&self, target: u64) -> BoxFuture<'static, Result<()>>;
+    /// Whether this member leads now: only the leader decides lease expiry and renews
+    /// leases. A change of leader shows as a change of `status().term` too.
+    fn is_leader(&self) -> bool;
 }

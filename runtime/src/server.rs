@@ -13,18 +13,22 @@ use std::time::Duration;
 use metastore_core::{StateMachine, StateMachineConfig};
 use metastore_proto::etcdserverpb::cluster_server::ClusterServer;
 use metastore_proto::etcdserverpb::kv_server::KvServer;
+use metastore_proto::etcdserverpb::lease_server::LeaseServer;
 use metastore_proto::etcdserverpb::maintenance_server::MaintenanceServer;
 use metastore_proto::etcdserverpb::watch_server::WatchServer;
 use metastore_proto::metastore::peer_server::PeerServer;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::api::{Api, ClusterService, KvService, Limits, MaintenanceService, WatchService};
+use crate::api::{
+    Api, ClusterService, KvService, LeaseService, Limits, MaintenanceService, WatchService,
+};
 use crate::config::Config;
+use crate::lessor::{LessorConfig, PrimaryLessor};
 use crate::membership::member_id;
 use crate::membership::Identity;
 use crate::raft::{RaftConfig, RaftNode};
-use crate::replication::Replicator;
+use crate::replication::{read_state, EventSink, Fanout, Replicator};
 use crate::storage::Engine;
 use crate::watch::WatchHub;
 
@@ -56,6 +60,7 @@ pub struct RunningServer {
     stop: watch::Sender<bool>,
     servers: Vec<JoinHandle<()>>,
     compactor: Option<JoinHandle<()>>,
+    lessor: JoinHandle<()>,
     log: Arc<RaftNode>,
     engine: Engine,
     fatal: watch::Receiver<Option<String>>,
@@ -146,9 +151,20 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         },
     };
     let hub = WatchHub::new();
+    let lessor = Arc::new(PrimaryLessor::new(LessorConfig {
+        extend: config.election_timeout,
+        revoke_rate: config.lease_revoke_rate,
+        checkpoint_interval: config.lease_checkpoint_interval,
+    }));
+    let sinks: Vec<Arc<dyn EventSink>> = vec![hub.clone(), lessor.clone()];
     let log = Arc::new(
-        RaftNode::open(raft_config, state.clone(), engine.backend(), hub.clone())
-            .map_err(|e| StartError::Log(e.to_string()))?,
+        RaftNode::open(
+            raft_config,
+            state.clone(),
+            engine.backend(),
+            Arc::new(Fanout(sinks)),
+        )
+        .map_err(|e| StartError::Log(e.to_string()))?,
     );
     let fatal = log.fatal();
     let replica = log.status();
@@ -163,17 +179,27 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         "member ready to serve"
     );
 
-    let api = Arc::new(Api::new(
-        state,
-        log.clone() as Arc<dyn Replicator>,
-        engine.clone(),
-        identity.clone(),
-        Limits {
-            max_request_bytes: config.max_request_bytes,
-            max_txn_ops: config.max_txn_ops,
-            quota_bytes: config.quota_backend_bytes,
-        },
-    ));
+    // The lessor takes over the lease table before the first request is served (etcd's
+    // Promote on winning the first election): every lease gets its remaining TTL plus an
+    // election timeout from now.
+    if log.is_leader() {
+        let sm = read_state(&state).map_err(|e| StartError::State(e.to_string()))?;
+        lessor.promote(&sm, replica.term);
+    }
+    let api = Arc::new(
+        Api::new(
+            state,
+            log.clone() as Arc<dyn Replicator>,
+            engine.clone(),
+            identity.clone(),
+            Limits {
+                max_request_bytes: config.max_request_bytes,
+                max_txn_ops: config.max_txn_ops,
+                quota_bytes: config.quota_backend_bytes,
+            },
+        )
+        .with_leases(lessor.clone(), config.min_lease_ttl),
+    );
 
     let (stop, stop_rx) = watch::channel(false);
     let mut servers = Vec::new();
@@ -205,6 +231,7 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     let compactor = config
         .auto_compaction
         .map(|mode| tokio::spawn(crate::compactor::run(mode, api.clone(), stop_rx.clone())));
+    let lessor = tokio::spawn(crate::lessor::run(api.clone(), lessor, stop_rx.clone()));
 
     Ok(RunningServer {
         client_addrs,
@@ -212,6 +239,7 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         stop,
         servers,
         compactor,
+        lessor,
         log,
         engine,
         fatal,
@@ -359,7 +387,7 @@ async fn serve(
     }
 }
 
-/// The services every client listener offers. Services not added here (Lease, Auth,
+/// The services every client listener offers. Services not added here (Auth,
 /// lock, election) answer `Unimplemented`, as unknown services do in gRPC.
 fn services(
     builder: tonic::transport::Server,
@@ -372,6 +400,11 @@ fn services(
         .max_concurrent_streams(Some(u32::MAX))
         .add_service(
             KvServer::new(KvService::new(api.clone()))
+                .max_decoding_message_size(max_recv)
+                .max_encoding_message_size(usize::MAX),
+        )
+        .add_service(
+            LeaseServer::new(LeaseService::new(api.clone()))
                 .max_decoding_message_size(max_recv)
                 .max_encoding_message_size(usize::MAX),
         )
@@ -426,6 +459,8 @@ impl RunningServer {
         if let Some(compactor) = self.compactor {
             let _ = compactor.await;
         }
+        // Revokes it already proposed are in the log queue and drain with it.
+        let _ = self.lessor.await;
         self.log.close().await;
         let flushed = self.engine.flush().map_err(|e| e.0);
         let fatal = self.fatal.borrow().clone();

@@ -27,6 +27,9 @@ pub enum Workload {
     Txn,
     /// One writer, N watchers (`--watchers`, `--same-key`): see `watch_bench`.
     Watch,
+    /// Grant `--total` leases with one key each and time their expiry
+    /// ([`crate::lease_bench`], not [`run`]).
+    Lease,
 }
 
 impl Workload {
@@ -37,6 +40,7 @@ impl Workload {
             Workload::RangeSerializable => "range-serializable",
             Workload::Txn => "txn",
             Workload::Watch => "watch",
+            Workload::Lease => "lease",
         }
     }
 }
@@ -187,6 +191,9 @@ pub async fn run(cfg: &BenchConfig) -> Result<BenchReport> {
     if cfg.workload == Workload::Watch {
         bail!("the watch workload runs through watch_bench::run_watch");
     }
+    if cfg.workload == Workload::Lease {
+        bail!("the lease workload runs through lease_bench::run");
+    }
     if matches!(
         cfg.workload,
         Workload::RangeLinearizable | Workload::RangeSerializable
@@ -258,6 +265,8 @@ pub async fn run(cfg: &BenchConfig) -> Result<BenchReport> {
                         })
                         .await
                         .map(|_| ()),
+                    // Refused at the top of `run`.
+                    Workload::Lease => Ok(()),
                 };
                 match res {
                     Ok(()) => {

@@ -13,6 +13,7 @@ pub mod bench;
 pub mod cluster;
 pub mod compare;
 pub mod etcdctl;
+pub mod lease_bench;
 pub mod ops;
 pub mod raw;
 pub mod server;

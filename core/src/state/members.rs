@@ -129,6 +129,7 @@ impl StateMachine {
                     applied: self.applied_index,
                 }),
                 events: Vec::new(),
+                lease_changes: Vec::new(),
             };
         }
         if let Err(e) = self.check_member_change(change) {
@@ -216,6 +217,7 @@ impl StateMachine {
                 index,
                 result: Err(e.into()),
                 events: Vec::new(),
+                lease_changes: Vec::new(),
             };
         }
         self.applied_index = index;
@@ -224,6 +226,7 @@ impl StateMachine {
             index,
             result,
             events: Vec::new(),
+            lease_changes: Vec::new(),
         }
     }
 }

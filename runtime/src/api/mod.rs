@@ -1,4 +1,4 @@
-//! The gRPC services (KV, Watch, Maintenance, Cluster) and what they share.
+//! The gRPC services (KV, Watch, Lease, Maintenance, Cluster) and what they share.
 //!
 //! This module owns the client-facing request path: size and quota limits, etcd's
 //! pre-proposal checks, stamping the replicated envelope, choosing between a log proposal
@@ -16,6 +16,7 @@ use metastore_proto::metastore::{internal_request, InternalRequest, RequestHeade
 use tonic::Status;
 
 use crate::error::Error;
+use crate::lessor::{LessorConfig, PrimaryLessor};
 use crate::membership::Identity;
 use crate::replication::{read_state, Replicator, SharedState};
 use crate::status::EtcdError;
@@ -23,12 +24,14 @@ use crate::storage::Engine;
 
 pub mod cluster;
 pub mod kv;
+pub mod lease;
 pub mod maintenance;
 mod precheck;
 pub mod watch;
 
 pub use cluster::ClusterService;
 pub use kv::KvService;
+pub use lease::LeaseService;
 pub use maintenance::MaintenanceService;
 pub use watch::WatchService;
 
@@ -50,6 +53,12 @@ pub struct Api {
     pub engine: Engine,
     pub identity: Identity,
     pub limits: Limits,
+    /// The leader's lease timers (renewals, time to live, expiry).
+    pub lessor: Arc<PrimaryLessor>,
+    /// etcd's minimum lease TTL in seconds; grants below it are raised before proposing.
+    pub min_lease_ttl: i64,
+    /// etcd's ID generator (`idutil.Generator`), for lease IDs the server chooses.
+    next_request_id: AtomicU64,
     /// The engine size the quota check last saw, and when (ms since `started`): sizing
     /// an engine is not free (the memory engine walks every key), so writes share one
     /// reading per `SIZE_REFRESH`.
@@ -73,16 +82,37 @@ impl Api {
         identity: Identity,
         limits: Limits,
     ) -> Self {
+        // etcd's ID generator: the low 16 bits of the member ID on top, then the start
+        // time in milliseconds, then a counter, so IDs stay unique across restarts.
+        let prefix = (identity.member_id & 0xffff) << 48;
+        let suffix = (unix_nanos() as u64 / 1_000_000) << 8 & ((1 << 48) - 1);
         Self {
             state,
             log,
             engine,
             identity,
             limits,
+            lessor: Arc::new(PrimaryLessor::new(LessorConfig::default())),
+            min_lease_ttl: 2,
+            next_request_id: AtomicU64::new(prefix | suffix),
             quota_size: AtomicU64::new(0),
             quota_size_at_ms: AtomicU64::new(u64::MAX),
             started: Instant::now(),
         }
+    }
+
+    /// Uses `lessor` (the one the apply path reports lease changes to) and the minimum
+    /// lease TTL from the flags.
+    pub fn with_leases(mut self, lessor: Arc<PrimaryLessor>, min_lease_ttl: i64) -> Self {
+        self.lessor = lessor;
+        self.min_lease_ttl = min_lease_ttl;
+        self
+    }
+
+    /// A fresh ID from etcd's request ID generator (also what server-chosen lease IDs
+    /// are drawn from).
+    pub fn next_id(&self) -> u64 {
+        self.next_request_id.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Fills a response header the way etcd's `header.fill` does: identity and term

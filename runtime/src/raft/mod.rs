@@ -315,6 +315,11 @@ impl Replicator for RaftNode {
         }
     }
 
+    fn is_leader(&self) -> bool {
+        self.shared.leader.load(Ordering::SeqCst) == self.shared.member_id
+            && !self.shared.stopped.load(Ordering::SeqCst)
+    }
+
     fn change_members(&self, change: MemberChange) -> BoxFuture<'static, Result<ApplyResponse>> {
         let inbox = self.inbox.clone();
         let timeout = self.request_timeout;
@@ -617,6 +622,7 @@ impl Driver {
         {
             let mut sm = self.state.write().map_err(|_| Error::Stopped)?;
             sm.restore(meta.index, records)?;
+            self.events.restored(&sm);
         }
         let mut batch = WriteBatch::new();
         self.node.mut_store().install_snapshot(&meta, &mut batch);
@@ -663,6 +669,9 @@ impl Driver {
                         }
                         if !applied.events.is_empty() {
                             self.events.publish(std::mem::take(&mut applied.events));
+                        }
+                        if !applied.lease_changes.is_empty() {
+                            self.events.leases_changed(&applied.lease_changes);
                         }
                         if matches!(request.request, Some(Envelope::MemberUpdate(_)))
                             && applied.result.is_ok()

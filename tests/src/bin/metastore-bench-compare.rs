@@ -12,6 +12,7 @@ use std::time::Duration;
 use clap::Parser;
 use metastore_tests::bench::{run, BenchConfig, BenchReport, Workload};
 use metastore_tests::cluster::Cluster;
+use metastore_tests::lease_bench::{self, fmt_kib, LeaseBenchConfig, LeaseReport};
 use metastore_tests::watch_bench::{run_watch, WatchBenchConfig, WatchBenchReport};
 use metastore_tests::{metastore_bin, Engine, Kind, Server};
 
@@ -36,6 +37,29 @@ struct Args {
     /// Which tables to produce: kv, watch or all.
     #[arg(long, default_value = "all")]
     workloads: String,
+    /// Also run the lease workload with this many leases (one key each); 0 skips it.
+    #[arg(long, default_value_t = 0)]
+    leases: u64,
+    /// TTL of the lease workload's leases, seconds.
+    #[arg(long, default_value_t = 60)]
+    lease_ttl: i64,
+    /// Only run the lease workload.
+    #[arg(long)]
+    lease_only: bool,
+}
+
+async fn lease_case(s: &Server, a: &Args) -> anyhow::Result<LeaseReport> {
+    lease_bench::run(&LeaseBenchConfig {
+        endpoint: s.endpoint(),
+        clients: 64,
+        conns: 8,
+        leases: a.leases,
+        ttl: a.lease_ttl,
+        poll: Duration::from_millis(10),
+        server_pid: s.pid(),
+        give_up: Duration::from_secs(120),
+    })
+    .await
 }
 
 /// A watch case: watchers, on one key or one key each, and the writer's put count.
@@ -179,7 +203,11 @@ async fn main() -> anyhow::Result<()> {
         ms.iter().map(|s| s.pid()).collect::<Vec<_>>(),
     );
     let mut rows = Vec::new();
-    let kv_cases: &[Case] = if a.workloads == "watch" { &[] } else { CASES };
+    let kv_cases: &[Case] = if a.workloads == "watch" || a.lease_only {
+        &[]
+    } else {
+        CASES
+    };
     for c in kv_cases {
         let e = bench(&etcd_eps, c, &a).await?;
         eprintln!("etcd      {}", e.line());
@@ -213,7 +241,7 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
-    if a.workloads != "kv" {
+    if a.workloads != "kv" && !a.lease_only {
         let mut wrows = Vec::new();
         for c in WATCH_CASES {
             // A fresh pair per case, so memory per watcher is not skewed by earlier cases.
@@ -261,6 +289,32 @@ async fn main() -> anyhow::Result<()> {
                 m.delivered,
                 e.expected,
                 m.expected
+            );
+        }
+    }
+    if a.leases > 0 {
+        let e = lease_case(&etcd[0], &a).await?;
+        eprintln!("etcd      {}", e.line());
+        let m = lease_case(&ms[0], &a).await?;
+        eprintln!("metastore {}", m.line());
+        println!();
+        println!(
+            "| lease workload ({} leases, TTL {} s) | grant s | put s | RSS before | RSS loaded | TTL end to delete p50 / p99 / max ms | drain s | left |",
+            a.leases, a.lease_ttl
+        );
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+        for (who, r) in [("etcd", &e), ("metastore", &m)] {
+            println!(
+                "| {who} | {:.1} | {:.1} | {} | {} | {:.0} / {:.0} / {:.0} | {:.2} | {} |",
+                r.grant_secs,
+                r.put_secs,
+                fmt_kib(r.rss_before_kib),
+                fmt_kib(r.rss_loaded_kib),
+                r.p50_ms,
+                r.p99_ms,
+                r.max_ms,
+                r.drain_secs,
+                r.left_over
             );
         }
     }

@@ -12,11 +12,15 @@
 //! ```
 //! One writer puts `--total` times; prints delivered events/s, put-to-event latency and
 //! the server's memory per idle watcher.
+//! `--workload lease --total 100000 --lease-ttl 60 [--server-pid PID]` grants that many
+//! leases with one key each and reports the delay from TTL end to deletion (p50/p99) and,
+//! with the server's PID, its memory (see `metastore_tests::lease_bench`).
 
 use std::time::Duration;
 
 use clap::Parser;
 use metastore_tests::bench::{run, BenchConfig, Workload};
+use metastore_tests::lease_bench::{self, LeaseBenchConfig};
 use metastore_tests::watch_bench::{run_watch, WatchBenchConfig};
 
 #[derive(Parser, Debug)]
@@ -49,6 +53,9 @@ struct Args {
     /// Number of distinct keys.
     #[arg(long, default_value_t = 10_000)]
     key_space: u64,
+    /// Lease workload: TTL of every lease, seconds (must outlast granting and attaching).
+    #[arg(long, default_value_t = 60)]
+    lease_ttl: i64,
     /// Print the result as one JSON line.
     #[arg(long)]
     json: bool,
@@ -61,7 +68,8 @@ struct Args {
     /// watch workload: watch streams the watchers are spread over.
     #[arg(long, default_value_t = 100)]
     streams: usize,
-    /// watch workload: the server's PID, to report memory per idle watcher.
+    /// watch and lease workloads: the server's PID, to report its memory (per idle
+    /// watcher, or with the leases loaded).
     #[arg(long)]
     server_pid: Option<u32>,
 }
@@ -87,6 +95,21 @@ async fn main() -> anyhow::Result<()> {
         } else {
             println!("{}", r.line());
         }
+        return Ok(());
+    }
+    if a.workload == Workload::Lease {
+        let r = lease_bench::run(&LeaseBenchConfig {
+            endpoint: a.endpoints[0].clone(),
+            clients: a.clients,
+            conns: a.conns,
+            leases: a.total,
+            ttl: a.lease_ttl,
+            poll: Duration::from_millis(10),
+            server_pid: a.server_pid,
+            give_up: Duration::from_secs_f64(a.duration),
+        })
+        .await?;
+        println!("{}", r.line());
         return Ok(());
     }
     let cfg = BenchConfig {

@@ -1,0 +1,240 @@
+//! etcd's Lease service: LeaseGrant, LeaseRevoke, LeaseKeepAlive, LeaseTimeToLive,
+//! LeaseLeases.
+//!
+//! This module owns what the proposer stamps into a grant (the server-chosen ID, the TTL
+//! raised to the member's minimum), the keep-alive stream, and how lease answers are
+//! assembled from the lease table (core) and the leader's timers (`lessor`). It must never
+//! change the lease table except through the log, and never decide expiry (the lessor's
+//! task does). Renewals and time-to-live are the leader's: on a member that does not lead
+//! they fail with etcd's "not leader" until Raft brings forwarding to the leader (the seam
+//! is [`Api::renew`] and [`LeaseService::lease_time_to_live`]).
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use metastore_core::lease::MAX_LEASE_TTL;
+use metastore_core::ApplyResponse;
+use metastore_proto::etcdserverpb as pb;
+use metastore_proto::etcdserverpb::lease_server::Lease;
+use metastore_proto::metastore::internal_request::Request as Envelope;
+use metastore_proto::metastore::LeaseGrant;
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{mismatched, Api};
+use crate::error::Error;
+use crate::lessor::Renewal;
+use crate::status::EtcdError;
+
+/// etcd's `leaseOverhead`: what the quota charges a grant.
+const LEASE_OVERHEAD: u64 = 64;
+/// Keep-alive answers waiting for a slow reader; a full queue stops reading requests.
+const KEEPALIVE_QUEUE: usize = 16;
+
+pub struct LeaseService {
+    api: Arc<Api>,
+}
+
+impl LeaseService {
+    pub fn new(api: Arc<Api>) -> Self {
+        Self { api }
+    }
+}
+
+impl Api {
+    /// etcd's `LeaseRenew` on the leader: the lease's TTL after renewing, 0 when it does
+    /// not exist or ran out (after its revoke has gone through, as etcd waits for it).
+    pub async fn renew(&self, id: i64) -> Result<i64, Status> {
+        match self.lessor.renew(id) {
+            Renewal::Renewed {
+                ttl,
+                clear_checkpoint,
+            } => {
+                if clear_checkpoint {
+                    // etcd replicates a checkpoint of 0 before answering, so a later
+                    // leader does not restore the stale remaining TTL.
+                    let cp = pb::LeaseCheckpointRequest {
+                        checkpoints: vec![pb::LeaseCheckpoint {
+                            id,
+                            remaining_ttl: 0,
+                        }],
+                    };
+                    self.propose(Envelope::LeaseCheckpoint(cp)).await?;
+                }
+                Ok(ttl)
+            }
+            Renewal::NotFound => Ok(0),
+            Renewal::Expired => {
+                // Revoke it now rather than wait for the expiry task: the answer must not
+                // come before the keys are gone. A revoke that lost the race finds nothing.
+                match self
+                    .propose_internal(Envelope::LeaseRevoke(pb::LeaseRevokeRequest { id }))
+                    .await
+                {
+                    Ok(_) | Err(Error::Core(metastore_core::Error::LeaseNotFound)) => Ok(0),
+                    Err(e) => Err(e.into()),
+                }
+            }
+            // Raft seam: forward the renewal to the leader.
+            Renewal::NotPrimary => Err(EtcdError::NotLeader.status()),
+        }
+    }
+}
+
+type KeepAliveStream =
+    Pin<Box<dyn Stream<Item = Result<pb::LeaseKeepAliveResponse, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl Lease for LeaseService {
+    async fn lease_grant(
+        &self,
+        request: Request<pb::LeaseGrantRequest>,
+    ) -> Result<Response<pb::LeaseGrantResponse>, Status> {
+        let r = request.into_inner();
+        self.api.check_quota(LEASE_OVERHEAD)?;
+        // Checked before proposing as well as at apply: the same order as etcd's Grant
+        // (TTL first), so a too-large TTL never costs a log entry.
+        if r.ttl > MAX_LEASE_TTL {
+            return Err(EtcdError::LeaseTtlTooLarge.status());
+        }
+        let mut id = r.id;
+        while id == 0 {
+            // etcd: "only use positive int64 id's".
+            id = (self.api.next_id() & (i64::MAX as u64)) as i64;
+        }
+        let ttl = r.ttl.max(self.api.min_lease_ttl);
+        match self
+            .api
+            .propose(Envelope::LeaseGrant(LeaseGrant { id, ttl }))
+            .await?
+        {
+            ApplyResponse::LeaseGrant(mut resp) => {
+                self.api.fill(&mut resp.header);
+                Ok(Response::new(resp))
+            }
+            other => Err(mismatched("lease grant", &other)),
+        }
+    }
+
+    async fn lease_revoke(
+        &self,
+        request: Request<pb::LeaseRevokeRequest>,
+    ) -> Result<Response<pb::LeaseRevokeResponse>, Status> {
+        let r = request.into_inner();
+        match self.api.propose(Envelope::LeaseRevoke(r)).await? {
+            ApplyResponse::LeaseRevoke(mut resp) => {
+                self.api.fill(&mut resp.header);
+                Ok(Response::new(resp))
+            }
+            other => Err(mismatched("lease revoke", &other)),
+        }
+    }
+
+    // The madsim stubs name the stream type; the tonic ones fix it to a boxed stream,
+    // which is what `KeepAliveStream` is.
+    #[cfg(madsim)]
+    type LeaseKeepAliveStream = KeepAliveStream;
+
+    async fn lease_keep_alive(
+        &self,
+        request: Request<Streaming<pb::LeaseKeepAliveRequest>>,
+    ) -> Result<Response<KeepAliveStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(KEEPALIVE_QUEUE);
+        let api = self.api.clone();
+        tokio::spawn(async move {
+            loop {
+                let req = match inbound.message().await {
+                    Ok(Some(req)) => req,
+                    // The client closed its side: the stream ends normally, as in etcd.
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "keep-alive stream broke");
+                        break;
+                    }
+                };
+                let answer = match api.renew(req.id).await {
+                    Ok(ttl) => {
+                        let mut resp = pb::LeaseKeepAliveResponse {
+                            header: None,
+                            id: req.id,
+                            ttl,
+                        };
+                        api.fill(&mut resp.header);
+                        Ok(resp)
+                    }
+                    Err(status) => Err(status),
+                };
+                let failed = answer.is_err();
+                if tx.send(answer).await.is_err() || failed {
+                    break;
+                }
+            }
+        });
+        let stream = futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn lease_time_to_live(
+        &self,
+        request: Request<pb::LeaseTimeToLiveRequest>,
+    ) -> Result<Response<pb::LeaseTimeToLiveResponse>, Status> {
+        let r = request.into_inner();
+        let lessor = self.api.lessor.clone();
+        // The table and the timers are read under one state lock, so a revoke cannot
+        // land between them.
+        let mut resp = self.api.read(|sm| {
+            let Some(lease) = sm.lessor().lookup(r.id) else {
+                // etcd answers an unknown lease with TTL -1, not an error.
+                return Ok(Some(pb::LeaseTimeToLiveResponse {
+                    header: None,
+                    id: r.id,
+                    ttl: -1,
+                    granted_ttl: 0,
+                    keys: Vec::new(),
+                }));
+            };
+            let Some(remaining) = lessor.remaining_secs(r.id) else {
+                return Ok(None);
+            };
+            Ok(Some(pb::LeaseTimeToLiveResponse {
+                header: None,
+                id: r.id,
+                ttl: remaining,
+                granted_ttl: lease.ttl,
+                keys: if r.keys {
+                    lease.keys.iter().cloned().collect()
+                } else {
+                    Vec::new()
+                },
+            }))
+        })?;
+        match resp.as_mut() {
+            Some(resp) => {
+                self.api.fill(&mut resp.header);
+            }
+            // Raft seam: ask the leader.
+            None => return Err(EtcdError::NotLeader.status()),
+        }
+        Ok(Response::new(resp.take().unwrap_or_default()))
+    }
+
+    async fn lease_leases(
+        &self,
+        _request: Request<pb::LeaseLeasesRequest>,
+    ) -> Result<Response<pb::LeaseLeasesResponse>, Status> {
+        let mut ids = self
+            .api
+            .read(|sm| Ok(sm.lessor().leases().map(|l| l.id).collect::<Vec<i64>>()))?;
+        self.api.lessor.sort_by_expiry(&mut ids);
+        let mut resp = pb::LeaseLeasesResponse {
+            header: None,
+            leases: ids.into_iter().map(|id| pb::LeaseStatus { id }).collect(),
+        };
+        self.api.fill(&mut resp.header);
+        Ok(Response::new(resp))
+    }
+}
