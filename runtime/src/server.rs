@@ -182,9 +182,12 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     // The lessor takes over the lease table before the first request is served (etcd's
     // Promote on winning the first election): every lease gets its remaining TTL plus an
     // election timeout from now.
+    if config.initial_cluster.len() == 1 {
+        log.wait_leader(2 * config.election_timeout).await;
+    }
     if log.is_leader() {
         let sm = read_state(&state).map_err(|e| StartError::State(e.to_string()))?;
-        lessor.promote(&sm, replica.term);
+        lessor.promote(&sm, log.status().term);
     }
     let api = Arc::new(
         Api::new(
