@@ -366,10 +366,10 @@ async fn shutdown_finishes_in_flight_writes_and_refuses_new_connections() {
 
 #[tokio::test]
 async fn unimplemented_services_say_so() {
-    use metastore_proto::etcdserverpb::lease_client::LeaseClient;
+    use metastore_proto::etcdserverpb::auth_client::AuthClient;
     let (server, channel) = start(Config::for_tests()).await;
-    let err = LeaseClient::new(channel)
-        .lease_grant(pb::LeaseGrantRequest { ttl: 10, id: 0 })
+    let err = AuthClient::new(channel)
+        .auth_status(pb::AuthStatusRequest {})
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unimplemented);
