@@ -67,6 +67,9 @@ struct Timing {
     /// Last checkpointed remaining TTL, seconds (0 = none).
     remaining_ttl: i64,
     expiry: Instant,
+    /// When this lease's next checkpoint is due (at most one is pending, however often
+    /// its checkpoints are cleared by renewals).
+    checkpoint_due: Option<Instant>,
 }
 
 impl Timing {
@@ -164,6 +167,7 @@ impl PrimaryLessor {
                 ttl: lease.ttl,
                 remaining_ttl: lease.remaining_ttl,
                 expiry: now,
+                checkpoint_due: None,
             };
             t.expiry = now + extend + secs(t.remaining_ttl_or_ttl());
             inner.leases.insert(lease.id, t);
@@ -212,6 +216,7 @@ impl PrimaryLessor {
                             ttl,
                             remaining_ttl: 0,
                             expiry,
+                            checkpoint_due: None,
                         },
                     );
                     earlier |= push_expiry(&mut inner, expiry, id);
@@ -350,7 +355,11 @@ impl PrimaryLessor {
                 break;
             }
             inner.checkpoints.pop();
-            if let Some(t) = inner.leases.get(&id) {
+            if let Some(t) = inner.leases.get_mut(&id) {
+                if t.checkpoint_due != Some(at) {
+                    continue; // superseded
+                }
+                t.checkpoint_due = None;
                 if t.expiry > now {
                     let left = t.expiry - now;
                     let secs = left.as_secs() as i64 + i64::from(left.subsec_nanos() > 0);
@@ -370,11 +379,13 @@ impl PrimaryLessor {
         let Some(interval) = self.config.checkpoint_interval else {
             return;
         };
-        let Some(t) = inner.leases.get(&id) else {
+        let Some(t) = inner.leases.get_mut(&id) else {
             return;
         };
-        if t.expiry > now && t.expiry - now > interval {
-            inner.checkpoints.push(Reverse((now + interval, id)));
+        if t.checkpoint_due.is_none() && t.expiry > now && t.expiry - now > interval {
+            let due = now + interval;
+            t.checkpoint_due = Some(due);
+            inner.checkpoints.push(Reverse((due, id)));
         }
     }
 
@@ -681,6 +692,20 @@ mod tests {
         );
         assert!(l.take_checkpoints(t5 + Duration::from_secs(4)).is_empty());
         assert_eq!(l.take_checkpoints(t5 + Duration::from_secs(5)).len(), 1);
+        // However often renewals clear the checkpoint, one checkpoint per interval.
+        let t10 = t5 + Duration::from_secs(5);
+        for i in 0..5 {
+            l.observe_at(
+                &[LeaseChange::Checkpointed {
+                    id: 1,
+                    remaining_ttl: 0,
+                }],
+                t10 + Duration::from_millis(i),
+            );
+        }
+        assert!(l.take_checkpoints(t10 + Duration::from_secs(4)).is_empty());
+        assert_eq!(l.take_checkpoints(t10 + Duration::from_secs(6)).len(), 1);
+        assert_eq!(l.lock().checkpoints.len(), 0);
     }
 
     #[test]
