@@ -86,8 +86,9 @@ pub struct StreamQueue {
     id: u64,
     limit: usize,
     queue: Mutex<Queue>,
-    /// Something was queued, a watcher needs catching up, or the stream closed.
-    pub ready: Notify,
+    /// Woken when something was queued, a watcher needs catching up, or the stream
+    /// closed (the response stream polls the queue directly).
+    ready: futures::task::AtomicWaker,
     /// The queue shrank: the receiving half may read the next request.
     pub room: Notify,
     closed: tokio::sync::watch::Sender<bool>,
@@ -102,7 +103,7 @@ impl StreamQueue {
         let bytes = prost::Message::encoded_len(&out.response);
         q.bytes += bytes;
         q.items.push_back(Queued { out, bytes });
-        self.ready.notify_one();
+        self.ready.wake();
     }
 
     /// Takes the next response to send.
@@ -149,10 +150,15 @@ impl StreamQueue {
         self.lock().closed
     }
 
+    /// Registers the task to wake when the queue changes.
+    pub fn register(&self, waker: &std::task::Waker) {
+        self.ready.register(waker);
+    }
+
     /// Marks the stream closed and wakes both halves.
     pub fn close(&self) {
         self.lock().closed = true;
-        self.ready.notify_one();
+        self.ready.wake();
         self.room.notify_one();
         self.closed.send_replace(true);
     }
@@ -344,7 +350,7 @@ impl WatchHub {
             id: self.next_stream.fetch_add(1, Ordering::Relaxed),
             limit: self.limits.queue_bytes,
             queue: Mutex::new(Queue::default()),
-            ready: Notify::new(),
+            ready: futures::task::AtomicWaker::new(),
             room: Notify::new(),
             closed: tokio::sync::watch::channel(false).0,
         })
@@ -433,7 +439,7 @@ impl WatchHub {
             hub.index(r, &spec);
         } else {
             q.unsynced.insert(id);
-            stream.ready.notify_one();
+            stream.ready.wake();
         }
         hub.streams.entry(stream.id).or_default().insert(id);
         hub.watchers.insert(
@@ -701,7 +707,7 @@ impl EventSink for WatchHub {
                 // history (from this revision) once the stream has room again.
                 w.synced = false;
                 q.unsynced.insert(r.1);
-                stream.ready.notify_one();
+                stream.ready.wake();
                 drop(q);
                 let spec = w.spec.clone();
                 hub.unindex(r, &spec);
