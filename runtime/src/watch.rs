@@ -81,7 +81,7 @@ struct Queue {
 }
 
 /// One watch stream's outgoing side, shared by the hub (which queues events) and the
-/// stream's sender task (which drains it).
+/// stream's response stream (which drains it).
 pub struct StreamQueue {
     id: u64,
     limit: usize,
@@ -1070,6 +1070,50 @@ mod tests {
         ) {
             run(ops, queue_bytes, max_scanned)?;
         }
+    }
+
+    #[test]
+    fn a_closed_stream_leaves_no_watchers() {
+        let sm = StateMachine::open(
+            Box::new(MemoryBackend::default()),
+            StateMachineConfig::default(),
+        )
+        .unwrap();
+        let hub = WatchHub::new();
+        let a = hub.open_stream();
+        let b = hub.open_stream();
+        let spec = |key: &[u8], end: Option<Vec<u8>>| WatchSpec {
+            key: key.to_vec(),
+            end,
+            start_revision: 0,
+            prev_kv: false,
+            fragment: false,
+            progress_notify: false,
+            no_put: false,
+            no_delete: false,
+            watch_id: 0,
+        };
+        for _ in 0..3 {
+            assert!(matches!(
+                hub.create(&sm, &a, spec(b"k", None)),
+                Created::Ok(_)
+            ));
+            assert!(matches!(
+                hub.create(&sm, &a, spec(b"k", Some(Vec::new()))),
+                Created::Ok(_)
+            ));
+        }
+        assert!(matches!(
+            hub.create(&sm, &b, spec(b"k", None)),
+            Created::Ok(0)
+        ));
+        assert_eq!(hub.watcher_count(), 7);
+        hub.close_stream(&a);
+        assert_eq!(hub.watcher_count(), 1);
+        let h = hub.lock();
+        assert_eq!(h.by_key.get(b"k".as_slice()).map(|s| s.len()), Some(1));
+        assert!(h.ranges.is_empty());
+        assert!(!h.streams.contains_key(&a.id));
     }
 
     #[test]

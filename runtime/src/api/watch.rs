@@ -3,9 +3,9 @@
 //! This module owns the two halves of a stream: the receiver, which turns create,
 //! cancel and progress requests into hub calls (and stops reading while the stream's
 //! outgoing queue is full, so a client that writes without reading cannot grow memory),
-//! and the sender, which drains the stream's queue to gRPC, fills headers, splits
-//! fragmented responses, runs history catch-up when the queue has room, and sends the
-//! periodic progress notifications. It must never decide which events a watcher sees
+//! and the response stream gRPC polls, which drains the stream's queue, fills headers,
+//! splits fragmented responses, runs history catch-up when the queue is empty, and sends
+//! the periodic progress notifications. It must never decide which events a watcher sees
 //! (that is the hub's and core's business) and never block the log.
 
 use std::collections::VecDeque;
