@@ -144,6 +144,12 @@ impl StateMachine {
     pub fn lessor(&self) -> &Lessor {
         &self.store.lessor
     }
+
+    /// Revision of the last compaction as etcd's store keeps it: -1 before the first
+    /// one (what a watch canceled for compaction reports as `compact_revision`).
+    pub fn store_compact_revision(&self) -> i64 {
+        self.store.compact_rev
+    }
     /// The lease a key is attached to (0 = none).
     pub fn lease_of(&self, key: &[u8]) -> i64 {
         self.store.lessor.lease_of(key)

@@ -81,13 +81,14 @@ struct Queue {
 }
 
 /// One watch stream's outgoing side, shared by the hub (which queues events) and the
-/// stream's sender task (which drains it).
+/// stream's response stream (which drains it).
 pub struct StreamQueue {
     id: u64,
     limit: usize,
     queue: Mutex<Queue>,
-    /// Something was queued, a watcher needs catching up, or the stream closed.
-    pub ready: Notify,
+    /// Woken when something was queued, a watcher needs catching up, or the stream
+    /// closed (the response stream polls the queue directly).
+    ready: futures::task::AtomicWaker,
     /// The queue shrank: the receiving half may read the next request.
     pub room: Notify,
     closed: tokio::sync::watch::Sender<bool>,
@@ -102,7 +103,7 @@ impl StreamQueue {
         let bytes = prost::Message::encoded_len(&out.response);
         q.bytes += bytes;
         q.items.push_back(Queued { out, bytes });
-        self.ready.notify_one();
+        self.ready.wake();
     }
 
     /// Takes the next response to send.
@@ -149,10 +150,15 @@ impl StreamQueue {
         self.lock().closed
     }
 
+    /// Registers the task to wake when the queue changes.
+    pub fn register(&self, waker: &std::task::Waker) {
+        self.ready.register(waker);
+    }
+
     /// Marks the stream closed and wakes both halves.
     pub fn close(&self) {
         self.lock().closed = true;
-        self.ready.notify_one();
+        self.ready.wake();
         self.room.notify_one();
         self.closed.send_replace(true);
     }
@@ -344,7 +350,7 @@ impl WatchHub {
             id: self.next_stream.fetch_add(1, Ordering::Relaxed),
             limit: self.limits.queue_bytes,
             queue: Mutex::new(Queue::default()),
-            ready: Notify::new(),
+            ready: futures::task::AtomicWaker::new(),
             room: Notify::new(),
             closed: tokio::sync::watch::channel(false).0,
         })
@@ -433,7 +439,7 @@ impl WatchHub {
             hub.index(r, &spec);
         } else {
             q.unsynced.insert(id);
-            stream.ready.notify_one();
+            stream.ready.wake();
         }
         hub.streams.entry(stream.id).or_default().insert(id);
         hub.watchers.insert(
@@ -577,7 +583,9 @@ impl WatchHub {
                                 header: header(0),
                                 watch_id: id,
                                 canceled: true,
-                                compact_revision: sm.compacted_revision(),
+                                // etcd reports -1 for a negative start revision before
+                                // any compaction.
+                                compact_revision: sm.store_compact_revision(),
                                 ..Default::default()
                             },
                             fragment: false,
@@ -701,7 +709,7 @@ impl EventSink for WatchHub {
                 // history (from this revision) once the stream has room again.
                 w.synced = false;
                 q.unsynced.insert(r.1);
-                stream.ready.notify_one();
+                stream.ready.wake();
                 drop(q);
                 let spec = w.spec.clone();
                 hub.unindex(r, &spec);
@@ -1039,7 +1047,7 @@ mod tests {
                 Some(c) if w.canceled_by_client && c.compact_revision == 0 => {}
                 None => prop_assert_eq!(strip(&got), strip(&want), "watcher {}", w.id),
                 Some(c) => {
-                    prop_assert!(c.compact_revision > 0 && c.compact_revision <= compacted);
+                    prop_assert!(c.compact_revision != 0 && c.compact_revision <= compacted);
                     prop_assert!(got.len() <= want.len());
                 }
             }
@@ -1064,6 +1072,50 @@ mod tests {
         ) {
             run(ops, queue_bytes, max_scanned)?;
         }
+    }
+
+    #[test]
+    fn a_closed_stream_leaves_no_watchers() {
+        let sm = StateMachine::open(
+            Box::new(MemoryBackend::default()),
+            StateMachineConfig::default(),
+        )
+        .unwrap();
+        let hub = WatchHub::new();
+        let a = hub.open_stream();
+        let b = hub.open_stream();
+        let spec = |key: &[u8], end: Option<Vec<u8>>| WatchSpec {
+            key: key.to_vec(),
+            end,
+            start_revision: 0,
+            prev_kv: false,
+            fragment: false,
+            progress_notify: false,
+            no_put: false,
+            no_delete: false,
+            watch_id: 0,
+        };
+        for _ in 0..3 {
+            assert!(matches!(
+                hub.create(&sm, &a, spec(b"k", None)),
+                Created::Ok(_)
+            ));
+            assert!(matches!(
+                hub.create(&sm, &a, spec(b"k", Some(Vec::new()))),
+                Created::Ok(_)
+            ));
+        }
+        assert!(matches!(
+            hub.create(&sm, &b, spec(b"k", None)),
+            Created::Ok(0)
+        ));
+        assert_eq!(hub.watcher_count(), 7);
+        hub.close_stream(&a);
+        assert_eq!(hub.watcher_count(), 1);
+        let h = hub.lock();
+        assert_eq!(h.by_key.get(b"k".as_slice()).map(|s| s.len()), Some(1));
+        assert!(h.ranges.is_empty());
+        assert!(!h.streams.contains_key(&a.id));
     }
 
     #[test]

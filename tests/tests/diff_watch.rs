@@ -162,6 +162,20 @@ async fn watch_stream_matches_etcd() {
                     ..create("", "")
                 }),
             ),
+            (
+                "negative start revision",
+                Step::Create(WatchCreateRequest {
+                    start_revision: -5,
+                    ..create("a", "")
+                }),
+            ),
+            (
+                "unknown filter value",
+                Step::Create(WatchCreateRequest {
+                    filters: vec![7],
+                    ..create("zz", "")
+                }),
+            ),
             ("cancel unknown id", Step::Cancel(99)),
             ("request with no union", Step::Empty),
             ("put a", Step::Put("a", "2")),

@@ -3,29 +3,28 @@
 //! This module owns the two halves of a stream: the receiver, which turns create,
 //! cancel and progress requests into hub calls (and stops reading while the stream's
 //! outgoing queue is full, so a client that writes without reading cannot grow memory),
-//! and the sender, which drains the stream's queue to gRPC, fills headers, splits
-//! fragmented responses, runs history catch-up when the queue has room, and sends the
-//! periodic progress notifications. It must never decide which events a watcher sees
+//! and the response stream gRPC polls, which drains the stream's queue, fills headers,
+//! splits fragmented responses, runs history catch-up when the queue is empty, and sends
+//! the periodic progress notifications. It must never decide which events a watcher sees
 //! (that is the hub's and core's business) and never block the log.
 
+use std::collections::VecDeque;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::Stream;
 use metastore_proto::etcdserverpb as pb;
 use metastore_proto::etcdserverpb::watch_server::Watch;
-use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::Api;
 use crate::replication::read_state;
 use crate::watch::{fragments, Outgoing, StreamQueue, WatchHub, WatchSpec};
 
-/// Responses handed to gRPC but not yet written to the connection. Small: the real
-/// buffer is the stream's queue in the hub, which is bounded in bytes.
-const GRPC_BUFFER: usize = 16;
 /// Responses taken from the stream's queue at a time (one lock for many).
 const SEND_BATCH: usize = 64;
 const SEND_BATCH_BYTES: usize = 64 << 10;
@@ -56,26 +55,33 @@ impl WatchService {
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, Status>> + Send>>;
 
 impl WatchService {
-    /// Starts both halves of a new stream.
+    /// Starts the receiving half as a task and returns the sending half.
     fn open(&self, request: Request<Streaming<pb::WatchRequest>>) -> ResponseStream {
         let inbound = request.into_inner();
         let stream = self.hub.open_stream();
-        let (tx, rx) = mpsc::channel(GRPC_BUFFER);
         tokio::spawn(receive(
             inbound,
             self.api.clone(),
             self.hub.clone(),
             stream.clone(),
         ));
-        tokio::spawn(send(
-            tx,
-            self.api.clone(),
-            self.hub.clone(),
-            stream,
+        let mut ticker = tokio::time::interval_at(
+            tokio::time::Instant::now() + self.progress_interval,
             self.progress_interval,
-            self.stop.clone(),
-        ));
-        Box::pin(ReceiverStream::new(rx))
+        );
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut stop = self.stop.clone();
+        Box::pin(Outbound {
+            api: self.api.clone(),
+            hub: self.hub.clone(),
+            stream,
+            pending: VecDeque::new(),
+            ticker,
+            stop: Box::pin(async move {
+                let _ = stop.wait_for(|s| *s).await;
+            }),
+            done: false,
+        })
     }
 }
 
@@ -154,72 +160,101 @@ async fn receive(
     }
 }
 
-/// The sending half: drains the queue in order, catching up unsynced watchers whenever
-/// the queue is short, until the client goes away or the member stops.
-async fn send(
-    tx: mpsc::Sender<Result<pb::WatchResponse, Status>>,
+/// The sending half, polled by gRPC itself: drains the stream's queue in order, catching
+/// up unsynced watchers whenever the queue is empty, sending the periodic progress
+/// notifications, until the client goes away (then it is dropped) or the member stops.
+struct Outbound {
     api: Arc<Api>,
     hub: Arc<WatchHub>,
     stream: Arc<StreamQueue>,
-    progress_interval: Duration,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut ticker = tokio::time::interval(progress_interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // The first tick of an interval fires at once.
-    ticker.tick().await;
-    let max_bytes = api.limits.max_request_bytes;
-    'outer: loop {
-        if *stop.borrow() || stream.is_closed() {
-            break;
+    /// Responses taken from the queue (and split into fragments) but not yet sent; at
+    /// most one batch.
+    pending: VecDeque<pb::WatchResponse>,
+    ticker: tokio::time::Interval,
+    stop: Pin<Box<dyn Future<Output = ()> + Send>>,
+    done: bool,
+}
+
+impl Stream for Outbound {
+    type Item = Result<pb::WatchResponse, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        if this.done {
+            return Poll::Ready(None);
         }
-        let batch = stream.pop_many(SEND_BATCH, SEND_BATCH_BYTES);
-        if !batch.is_empty() {
-            let term = api.log.status().term;
-            for Outgoing { response, fragment } in batch {
-                let pieces = if fragment {
-                    fragments(response, max_bytes)
-                } else {
-                    vec![response]
-                };
-                for mut piece in pieces {
-                    fill(&api, term, &mut piece.header);
-                    // A client that does not read must not keep the member from stopping.
-                    tokio::select! {
-                        sent = tx.send(Ok(piece)) => if sent.is_err() {
-                            break 'outer;
-                        },
-                        _ = stop.wait_for(|s| *s) => break 'outer,
+        if this.stop.as_mut().poll(cx).is_ready() || this.stream.is_closed() {
+            this.finish();
+            return Poll::Ready(None);
+        }
+        loop {
+            if let Some(r) = this.pending.pop_front() {
+                return Poll::Ready(Some(Ok(r)));
+            }
+            // Register before looking, so a push after the look wakes us.
+            this.stream.register(cx.waker());
+            let batch = this.stream.pop_many(SEND_BATCH, SEND_BATCH_BYTES);
+            if !batch.is_empty() {
+                let term = this.api.log.status().term;
+                let max_bytes = this.api.limits.max_request_bytes;
+                for Outgoing { response, fragment } in batch {
+                    let pieces = if fragment {
+                        fragments(response, max_bytes)
+                    } else {
+                        vec![response]
+                    };
+                    for mut piece in pieces {
+                        fill(&this.api, term, &mut piece.header);
+                        this.pending.push_back(piece);
                     }
                 }
-            }
-            continue;
-        }
-        if stream.has_unsynced() {
-            match read_state(&api.state) {
-                Ok(sm) => hub.catch_up(&sm, &stream),
-                Err(_) => break,
-            }
-            if stream.queued_bytes() > 0 {
                 continue;
             }
-            // Nothing to send yet (e.g. every event filtered out): go on catching up
-            // without starving the runtime.
-            tokio::task::yield_now().await;
-            continue;
-        }
-        tokio::select! {
-            _ = stream.ready.notified() => {}
-            _ = ticker.tick() => {
-                if let Ok(sm) = read_state(&api.state) {
-                    hub.progress_tick(&sm, &stream);
+            if this.stream.has_unsynced() {
+                let caught_up = match read_state(&this.api.state) {
+                    Ok(sm) => {
+                        this.hub.catch_up(&sm, &this.stream);
+                        true
+                    }
+                    Err(_) => false,
+                };
+                if !caught_up {
+                    this.finish();
+                    return Poll::Ready(None);
                 }
+                if this.stream.queued_bytes() > 0 {
+                    continue;
+                }
+                // Nothing to send yet (every event filtered out): come back soon
+                // without starving the connection's other streams.
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
             }
-            _ = stop.changed() => {}
-            _ = tx.closed() => break,
+            if this.ticker.poll_tick(cx).is_ready() {
+                if let Ok(sm) = read_state(&this.api.state) {
+                    this.hub.progress_tick(&sm, &this.stream);
+                }
+                continue;
+            }
+            return Poll::Pending;
         }
     }
-    hub.close_stream(&stream);
+}
+
+impl Outbound {
+    fn finish(&mut self) {
+        self.done = true;
+        self.hub.close_stream(&self.stream);
+    }
+}
+
+impl Drop for Outbound {
+    /// The client went away (or the member stopped): forget the stream's watchers.
+    fn drop(&mut self) {
+        if !self.done {
+            self.finish();
+        }
+    }
 }
 
 /// The header of a watch response: the revision the hub chose (0 stays 0, as etcd
