@@ -636,6 +636,34 @@ fn progress(watch_id: i64, revision: i64) -> Outgoing {
 }
 
 impl EventSink for WatchHub {
+    /// A snapshot replaced the state: the events between a synced watcher's position and
+    /// the snapshot never passed through `publish`, so every synced watcher catches up
+    /// from the new state's history (or is canceled if that history is compacted).
+    fn restored(&self, _state: &StateMachine) {
+        let mut hub = self.lock();
+        let hub = &mut *hub;
+        let synced: Vec<WatcherRef> = hub
+            .watchers
+            .iter()
+            .filter(|(_, w)| w.synced)
+            .map(|(r, _)| *r)
+            .collect();
+        for r in synced {
+            let Some(w) = hub.watchers.get_mut(&r) else {
+                continue;
+            };
+            w.synced = false;
+            let spec = w.spec.clone();
+            let stream = w.stream.clone();
+            {
+                let mut q = stream.lock();
+                q.unsynced.insert(r.1);
+            }
+            stream.ready.wake();
+            hub.unindex(r, &spec);
+        }
+    }
+
     fn publish(&self, events: Vec<mvccpb::Event>) {
         let Some(rev) = events
             .first()
@@ -779,6 +807,9 @@ mod tests {
         Cancel(u8, u8),
         Drain(u8, u8),
         CatchUp(u8),
+        /// Entries that reach this member inside a snapshot: applied without being
+        /// published, then the state is reinstalled and the hub told.
+        Snapshot(u8),
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -795,6 +826,7 @@ mod tests {
             1 => (0u8..3, any::<u8>()).prop_map(|(s, w)| Op::Cancel(s, w)),
             3 => (0u8..3, 0u8..6).prop_map(|(s, n)| Op::Drain(s, n)),
             2 => (0u8..3).prop_map(Op::CatchUp),
+            1 => any::<u8>().prop_map(Op::Snapshot),
         ]
     }
 
@@ -835,12 +867,15 @@ mod tests {
         let mut watches: Vec<Watch> = Vec::new();
         let mut emitted: Vec<mvccpb::Event> = Vec::new();
         let mut idx = 0;
+        let hidden = std::cell::Cell::new(false);
         let mut apply = |sm: &mut StateMachine, r: Request, emitted: &mut Vec<mvccpb::Event>| {
             idx += 1;
             let a = sm.apply(idx, &env(r));
             if !a.events.is_empty() {
                 emitted.extend(a.events.clone());
-                hub.publish(a.events);
+                if !hidden.get() {
+                    hub.publish(a.events);
+                }
             }
         };
         for op in ops {
@@ -893,6 +928,27 @@ mod tests {
                         }),
                         &mut emitted,
                     )
+                }
+                Op::Snapshot(n) => {
+                    hidden.set(true);
+                    for i in 0..=(n % 3) {
+                        apply(
+                            &mut sm,
+                            Request::Put(pb::PutRequest {
+                                key: key(n.wrapping_add(i)),
+                                value: b"s".to_vec(),
+                                ..Default::default()
+                            }),
+                            &mut emitted,
+                        );
+                    }
+                    hidden.set(false);
+                    let mut records = Vec::new();
+                    sm.snapshot_records(&mut |b, k, v| records.push((b, k.to_vec(), v.to_vec())))
+                        .unwrap();
+                    let at = sm.applied_index();
+                    sm.restore(at, records).unwrap();
+                    hub.restored(&sm);
                 }
                 Op::Compact(r) => {
                     let cur = sm.current_revision();
