@@ -16,6 +16,10 @@ pub enum Error {
     /// The storage engine failed underneath the log; the member stops serving writes.
     #[error("storage failure: {0}")]
     Storage(String),
+    /// A gRPC message whose length prefix is above the receive limit
+    /// (`--max-request-bytes` + 512 KiB); refused before it is read.
+    #[error("received message larger than max ({len} vs. {max})")]
+    MessageTooLarge { len: usize, max: usize },
     /// A bug: an invariant of the runtime itself did not hold.
     #[error("internal error: {0}")]
     Internal(String),

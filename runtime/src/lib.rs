@@ -13,6 +13,8 @@ pub mod compactor;
 pub mod config;
 pub mod error;
 pub mod membership;
+#[cfg(not(madsim))]
+pub mod recv_limit;
 pub mod replication;
 pub mod server;
 pub mod status;

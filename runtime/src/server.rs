@@ -196,7 +196,10 @@ async fn serve(
     use tonic::transport::server::TcpIncoming;
     // Small request/response pairs must not wait for Nagle's algorithm.
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let result = services(tonic::transport::Server::builder(), api, max_recv)
+    // grpc-go's receive limit and error, ahead of tonic's decoder (see recv_limit).
+    let builder =
+        tonic::transport::Server::builder().layer(crate::recv_limit::RecvLimitLayer::new(max_recv));
+    let result = services(builder, api, max_recv)
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = stop.wait_for(|s| *s).await;
         })
@@ -235,11 +238,14 @@ async fn serve(addr: Listener, api: Arc<Api>, max_recv: usize, mut stop: watch::
 
 /// The services every client listener offers. Services not added here (Watch, Lease,
 /// Auth, lock, election) answer `Unimplemented`, as unknown services do in gRPC.
-fn services(
-    builder: tonic::transport::Server,
+///
+/// tonic's own decode limit stays at `max_recv` as a backstop (it also bounds a compressed
+/// message once inflated); the receive-limit layer answers first for the wire length.
+fn services<L: Clone>(
+    builder: tonic::transport::Server<L>,
     api: Arc<Api>,
     max_recv: usize,
-) -> tonic::transport::server::Router {
+) -> tonic::transport::server::Router<L> {
     builder
         // etcd allows effectively unlimited concurrent streams per connection.
         .max_concurrent_streams(Some(u32::MAX))

@@ -170,6 +170,10 @@ pub fn to_status(err: &Error) -> Status {
             },
         },
         Error::Stopped => EtcdError::Stopped.status(),
+        // grpc-go's own text (`rpc_util.go` recvMsg), which etcd clients see verbatim.
+        Error::MessageTooLarge { len, max } => Status::resource_exhausted(format!(
+            "grpc: received message larger than max ({len} vs. {max})"
+        )),
         Error::Storage(_) | Error::Internal(_) => Status::unknown(format!("etcdserver: {err}")),
     }
 }

@@ -783,6 +783,57 @@ async fn max_request_bytes_flag() {
     .await
 }
 
+/// A message above the gRPC receive limit (`--max-request-bytes` + 512 KiB) is refused by
+/// grpc-go before etcd sees it: ResourceExhausted "grpc: received message larger than max
+/// (N vs. M)". The connection keeps serving, and nothing was written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_receive_limit() {
+    test_bounded(LIMIT, async {
+        let expect = |o: &metastore_tests::compare::Outcome<_>, len: usize, max: usize| {
+            let e = o
+                .as_ref()
+                .expect_err("an oversized message must be refused");
+            assert_eq!(e.code, tonic::Code::ResourceExhausted, "{e:?}");
+            assert_eq!(
+                e.message,
+                format!("grpc: received message larger than max ({len} vs. {max})")
+            );
+        };
+        let mut p = Pair::start().await;
+        let value = 3 * 1024 * 1024;
+        let o = p
+            .put(PutRequest {
+                key: b("big"),
+                value: vec![b'z'; value],
+                ..Default::default()
+            })
+            .await;
+        // The encoded PutRequest: key field (2 + 3 bytes), value field (1 + varint + value).
+        expect(&o, 5 + 1 + 4 + value, 1_572_864 + 524_288);
+        let _ = p.range(get_all()).await;
+        let _ = p.put(put("after", "1")).await;
+        p.finish();
+
+        let mut p = Pair::start_with(
+            metastore_tests::Kind::subject(),
+            &["--max-request-bytes=10000"],
+        )
+        .await;
+        let value = 10_000 + 512 * 1024 + 100;
+        let o = p
+            .put(PutRequest {
+                key: b("k"),
+                value: vec![b'x'; value],
+                ..Default::default()
+            })
+            .await;
+        expect(&o, 3 + 1 + 3 + value, 10_000 + 524_288);
+        let _ = p.range(get_all()).await;
+        p.finish();
+    })
+    .await
+}
+
 // Known differences (docs/compatibility.md), kept out of the tests above so those keep
 // checking everything else; run with `cargo test -p metastore-tests -- --ignored`.
 
@@ -801,36 +852,6 @@ async fn known_difference_hashkv_at_compacted_revision() {
                 .await;
             let _ = p.hash_kv(rev).await;
         }
-        p.finish();
-    })
-    .await
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known difference, see docs/compatibility.md: a message above the gRPC receive limit gets tonic's OutOfRange instead of grpc-go's ResourceExhausted \"grpc: received message larger than max\""]
-async fn known_difference_grpc_receive_limit() {
-    test_bounded(LIMIT, async {
-        let mut p = Pair::start().await;
-        let _ = p
-            .put(PutRequest {
-                key: b("big"),
-                value: vec![b'z'; 3 * 1024 * 1024],
-                ..Default::default()
-            })
-            .await;
-        p.finish();
-        let mut p = Pair::start_with(
-            metastore_tests::Kind::subject(),
-            &["--max-request-bytes=10000"],
-        )
-        .await;
-        let _ = p
-            .put(PutRequest {
-                key: b("k"),
-                value: vec![b'x'; 10_000 + 512 * 1024 + 100],
-                ..Default::default()
-            })
-            .await;
         p.finish();
     })
     .await
