@@ -142,7 +142,9 @@ pub fn etcd_error_of(err: &metastore_core::Error) -> Option<EtcdError> {
         C::LeaseExists => EtcdError::LeaseExist,
         C::LeaseTtlTooLarge => EtcdError::LeaseTtlTooLarge,
         C::RequestTooLarge => EtcdError::RequestTooLarge,
-        C::AlreadyApplied { .. }
+        C::CorruptAlarm => EtcdError::Corrupt,
+        C::InvalidAlarm(_)
+        | C::AlreadyApplied { .. }
         | C::Unimplemented(_)
         | C::MalformedRequest(_)
         | C::Backend(_)
@@ -166,6 +168,9 @@ pub fn to_status(err: &Error) -> Status {
                     Status::unknown(format!("etcdserver: {core}"))
                 }
                 C::Corrupt(_) => EtcdError::Corrupt.status(),
+                // etcd has no answer (it crashes on these); InvalidArgument names the
+                // problem.
+                C::InvalidAlarm(what) => Status::invalid_argument(format!("etcdserver: {what}")),
                 _ => Status::unknown(format!("etcdserver: {core}")),
             },
         },
@@ -219,6 +224,8 @@ mod tests {
             C::LeaseExists,
             C::LeaseTtlTooLarge,
             C::RequestTooLarge,
+            C::CorruptAlarm,
+            C::InvalidAlarm("unknown alarm action 9".into()),
             C::Unimplemented("lease grant"),
             C::MalformedRequest("no request set".into()),
             C::Backend(metastore_core::BackendError("disk on fire".into())),
@@ -236,16 +243,23 @@ mod tests {
                 format!("{:<60} {}", name, row(status.code(), status.message()))
             })
             .chain(
-                [Error::Stopped, Error::Storage("fsync failed".into())]
-                    .iter()
-                    .map(|e| {
-                        let status = to_status(e);
-                        format!(
-                            "{:<60} {}",
-                            format!("{e:?}"),
-                            row(status.code(), status.message())
-                        )
-                    }),
+                [
+                    Error::Stopped,
+                    Error::Storage("fsync failed".into()),
+                    Error::MessageTooLarge {
+                        len: 2_097_153,
+                        max: 2_097_152,
+                    },
+                ]
+                .iter()
+                .map(|e| {
+                    let status = to_status(e);
+                    format!(
+                        "{:<60} {}",
+                        format!("{e:?}"),
+                        row(status.code(), status.message())
+                    )
+                }),
             )
             .collect();
         insta::assert_snapshot!(table.join("\n"));
