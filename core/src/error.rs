@@ -47,6 +47,13 @@ pub enum Error {
     MemberNotLearner,
     #[error("too many learner members in cluster")]
     TooManyLearners,
+    /// A CORRUPT alarm is active: etcd's `ErrCorrupt`, "corrupt cluster".
+    #[error("corrupt cluster")]
+    CorruptAlarm,
+    /// An Alarm request etcd cannot serve (unknown action, activating an unknown type):
+    /// etcd crashes on these; MetaStore refuses them.
+    #[error("{0}")]
+    InvalidAlarm(String),
     /// `apply` was given an entry at or below the applied index: it was applied before
     /// (replay after a restart) and is ignored.
     #[error("entry {index} is already applied (applied index {applied})")]

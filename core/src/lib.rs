@@ -11,9 +11,10 @@
 //! layout), `index` (per-key generations of revisions), `lease` (lease table and key
 //! attachment), `mvcc` (revisions, read/write transactions, compaction, HashKV), `kv`
 //! (what Range/Put/DeleteRange/Txn do), `validate` (pre-proposal request checks), `state`
-//! (the apply entry point). `gosort` reproduces Go's sort so sorted ranges match etcd's
+//! (the apply entry point), `alarm` (active alarms and what they refuse). `gosort` reproduces Go's sort so sorted ranges match etcd's
 //! order exactly.
 
+pub mod alarm;
 pub mod backend;
 pub mod error;
 mod gosort;

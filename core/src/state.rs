@@ -10,6 +10,7 @@ use metastore_proto::metastore::internal_request::Request;
 use metastore_proto::metastore::{InternalRequest, LeaseGrant};
 use metastore_proto::mvccpb;
 
+use crate::alarm::Alarms;
 use crate::backend::{Backend, BatchOp, Bucket, WriteBatch};
 use crate::error::{Error, Result};
 use crate::kv;
@@ -55,6 +56,7 @@ pub enum ApplyResponse {
     LeaseGrant(pb::LeaseGrantResponse),
     LeaseRevoke(pb::LeaseRevokeResponse),
     LeaseCheckpoint(pb::LeaseCheckpointResponse),
+    Alarm(pb::AlarmResponse),
 }
 
 /// What applying one log entry produced.
@@ -96,6 +98,7 @@ pub struct StateMachine {
     backend: Box<dyn Backend>,
     config: StateMachineConfig,
     store: Store,
+    alarms: Alarms,
     applied_index: u64,
 }
 
@@ -114,10 +117,12 @@ impl StateMachine {
             }
         };
         let store = Store::open(&*backend)?;
+        let alarms = Alarms::open(&*backend)?;
         Ok(Self {
             backend,
             config,
             store,
+            alarms,
             applied_index,
         })
     }
@@ -150,6 +155,11 @@ impl StateMachine {
     pub fn store_compact_revision(&self) -> i64 {
         self.store.compact_rev
     }
+
+    /// The active alarms (etcd's `AlarmStore.Get(NONE)`), in (type, member) order.
+    pub fn alarms(&self) -> Vec<pb::AlarmMember> {
+        self.alarms.get(pb::AlarmType::None as i32)
+    }
     /// The lease a key is attached to (0 = none).
     pub fn lease_of(&self, key: &[u8]) -> i64 {
         self.store.lessor.lease_of(key)
@@ -175,6 +185,10 @@ impl StateMachine {
                 Err(Error::MalformedRequest("no request set".into())),
             );
         };
+        // An active alarm refuses some requests whole (etcd's capped and corrupt appliers).
+        if let Some(e) = self.alarms.refusal(req) {
+            return self.finish_without_changes(index, Err(e));
+        }
         // Requests are validated before they are proposed; validating again here keeps a
         // malformed entry (old proposer, corrupted log) from reaching the key space. The
         // op-count limit is left out on purpose: it is a per-member flag.
@@ -205,7 +219,7 @@ impl StateMachine {
             Request::LeaseGrant(g) => self.apply_lease_grant(index, g),
             Request::LeaseRevoke(r) => self.apply_lease_revoke(index, r.id),
             Request::LeaseCheckpoint(c) => self.apply_lease_checkpoint(index, c),
-            Request::Alarm(_) => self.unimplemented(index, "alarm"),
+            Request::Alarm(a) => self.apply_alarm(index, a),
             Request::AuthEnable(_) => self.unimplemented(index, "auth enable"),
             Request::AuthDisable(_) => self.unimplemented(index, "auth disable"),
             Request::AuthUserAdd(_) => self.unimplemented(index, "auth user add"),
@@ -279,6 +293,34 @@ impl StateMachine {
                 w.abort();
                 self.finish_without_changes(index, Err(e))
             }
+        }
+    }
+
+    /// etcd's Alarm: the alarm set changes in the entry's batch, in memory once written.
+    fn apply_alarm(&mut self, index: u64, r: &pb::AlarmRequest) -> Applied {
+        let mut batch = WriteBatch::new();
+        let (resp, change) = match self.alarms.apply(r, &mut batch) {
+            Ok(done) => done,
+            Err(e) => return self.finish_without_changes(index, Err(e)),
+        };
+        batch.ops.push(Self::index_op(index));
+        if let Err(e) = self.backend.write(batch) {
+            return Applied {
+                index,
+                result: Err(e.into()),
+                events: Vec::new(),
+                lease_changes: Vec::new(),
+            };
+        }
+        if let Some(change) = change {
+            self.alarms.commit(change);
+        }
+        self.applied_index = index;
+        Applied {
+            index,
+            result: Ok(ApplyResponse::Alarm(resp)),
+            events: Vec::new(),
+            lease_changes: Vec::new(),
         }
     }
 

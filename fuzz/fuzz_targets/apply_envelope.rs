@@ -11,8 +11,11 @@ use metastore_core::{Error, MemoryBackend, StateMachine, StateMachineConfig};
 use prost::Message;
 
 fuzz_target!(|data: &[u8]| {
-    let mut sm = StateMachine::open(Box::new(MemoryBackend::new()), StateMachineConfig::default())
-        .expect("open");
+    let mut sm = StateMachine::open(
+        Box::new(MemoryBackend::new()),
+        StateMachineConfig::default(),
+    )
+    .expect("open");
     let mut index = 0;
     for key in [&b"a"[..], b"b", b"c"] {
         index += 1;

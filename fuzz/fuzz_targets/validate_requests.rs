@@ -15,8 +15,11 @@ fuzz_target!(|data: &[u8]| {
     if validate::txn(&txn, 128).is_err() {
         return;
     }
-    let mut sm = StateMachine::open(Box::new(MemoryBackend::new()), StateMachineConfig::default())
-        .expect("open");
+    let mut sm = StateMachine::open(
+        Box::new(MemoryBackend::new()),
+        StateMachineConfig::default(),
+    )
+    .expect("open");
     let _ = sm.read_txn(&txn);
     let request = InternalRequest {
         request: Some(Request::Txn(txn)),

@@ -24,6 +24,10 @@ pub enum Error {
     /// errors that are decided outside the state machine).
     #[error(transparent)]
     Cluster(#[from] ClusterError),
+    /// A gRPC message whose length prefix is above the receive limit
+    /// (`--max-request-bytes` + 512 KiB); refused before it is read.
+    #[error("received message larger than max ({len} vs. {max})")]
+    MessageTooLarge { len: usize, max: usize },
     /// A bug: an invariant of the runtime itself did not hold.
     #[error("internal error: {0}")]
     Internal(String),

@@ -16,6 +16,8 @@ pub mod error;
 pub mod lessor;
 pub mod membership;
 pub mod raft;
+#[cfg(not(madsim))]
+pub mod recv_limit;
 pub mod replication;
 pub mod server;
 pub mod status;

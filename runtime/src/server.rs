@@ -222,13 +222,13 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
             config.watch_progress_notify_interval,
             stop_rx.clone(),
         );
-        let router = services(
-            tonic::transport::Server::builder(),
+        servers.push(tokio::spawn(serve_clients(
+            listener,
             api.clone(),
             watch,
             config.grpc_max_recv_bytes(),
-        );
-        servers.push(tokio::spawn(serve(listener, router, stop_rx.clone())));
+            stop_rx.clone(),
+        )));
     }
 
     let compactor = config
@@ -359,6 +359,30 @@ async fn serve(
     }
 }
 
+/// Serves the client services on one listener, behind grpc-go's receive limit (see
+/// `recv_limit`), until `stop` turns true.
+#[cfg(not(madsim))]
+async fn serve_clients(
+    listener: Listener,
+    api: Arc<Api>,
+    watch: WatchService,
+    max_recv: usize,
+    mut stop: watch::Receiver<bool>,
+) {
+    use tonic::transport::server::TcpIncoming;
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let builder =
+        tonic::transport::Server::builder().layer(crate::recv_limit::RecvLimitLayer::new(max_recv));
+    let result = services(builder, api, watch, max_recv)
+        .serve_with_incoming_shutdown(incoming, async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "gRPC server failed");
+    }
+}
+
 /// Under madsim there are no real sockets: the simulated server binds the address
 /// itself, so port 0 is not supported there.
 #[cfg(madsim)]
@@ -390,14 +414,30 @@ async fn serve(
     }
 }
 
-/// The services every client listener offers. Services not added here (Auth,
-/// lock, election) answer `Unimplemented`, as unknown services do in gRPC.
-fn services(
-    builder: tonic::transport::Server,
+/// Under madsim the receive limit is tonic's own (the layer needs real bodies).
+#[cfg(madsim)]
+async fn serve_clients(
+    addr: Listener,
     api: Arc<Api>,
     watch: WatchService,
     max_recv: usize,
-) -> tonic::transport::server::Router {
+    stop: watch::Receiver<bool>,
+) {
+    let router = services(tonic::transport::Server::builder(), api, watch, max_recv);
+    serve(addr, router, stop).await
+}
+
+/// The services every client listener offers. Services not added here (Auth, lock,
+/// election) answer `Unimplemented`, as unknown services do in gRPC.
+///
+/// tonic's own decode limit stays at `max_recv` as a backstop (it also bounds a compressed
+/// message once inflated); the receive-limit layer answers first for the wire length.
+fn services<L: Clone>(
+    builder: tonic::transport::Server<L>,
+    api: Arc<Api>,
+    watch: WatchService,
+    max_recv: usize,
+) -> tonic::transport::server::Router<L> {
     builder
         // etcd allows effectively unlimited concurrent streams per connection.
         .max_concurrent_streams(Some(u32::MAX))

@@ -148,7 +148,9 @@ pub fn etcd_error_of(err: &metastore_core::Error) -> Option<EtcdError> {
         C::MemberNotFound => EtcdError::MemberNotFound,
         C::MemberNotLearner => EtcdError::MemberNotLearner,
         C::TooManyLearners => EtcdError::TooManyLearners,
-        C::AlreadyApplied { .. }
+        C::CorruptAlarm => EtcdError::Corrupt,
+        C::InvalidAlarm(_)
+        | C::AlreadyApplied { .. }
         | C::Unimplemented(_)
         | C::MalformedRequest(_)
         | C::Backend(_)
@@ -172,6 +174,9 @@ pub fn to_status(err: &Error) -> Status {
                     Status::unknown(format!("etcdserver: {core}"))
                 }
                 C::Corrupt(_) => EtcdError::Corrupt.status(),
+                // etcd has no answer (it crashes on these); InvalidArgument names the
+                // problem.
+                C::InvalidAlarm(what) => Status::invalid_argument(format!("etcdserver: {what}")),
                 _ => Status::unknown(format!("etcdserver: {core}")),
             },
         },
@@ -189,6 +194,10 @@ pub fn to_status(err: &Error) -> Status {
                 K::Removed => EtcdError::Stopped.status(),
             }
         }
+        // grpc-go's own text (`rpc_util.go` recvMsg), which etcd clients see verbatim.
+        Error::MessageTooLarge { len, max } => Status::resource_exhausted(format!(
+            "grpc: received message larger than max ({len} vs. {max})"
+        )),
         Error::Storage(_) | Error::Internal(_) => Status::unknown(format!("etcdserver: {err}")),
     }
 }
@@ -234,6 +243,8 @@ mod tests {
             C::LeaseExists,
             C::LeaseTtlTooLarge,
             C::RequestTooLarge,
+            C::CorruptAlarm,
+            C::InvalidAlarm("unknown alarm action 9".into()),
             C::Unimplemented("lease grant"),
             C::MalformedRequest("no request set".into()),
             C::Backend(metastore_core::BackendError("disk on fire".into())),
@@ -259,6 +270,10 @@ mod tests {
                     Error::Cluster(crate::error::ClusterError::LearnerNotReady),
                     Error::Cluster(crate::error::ClusterError::NotSupportedForLearner),
                     Error::Storage("fsync failed".into()),
+                    Error::MessageTooLarge {
+                        len: 2_097_153,
+                        max: 2_097_152,
+                    },
                 ]
                 .iter()
                 .map(|e| {

@@ -90,6 +90,7 @@ impl StateMachine {
         batch.sync = true;
         self.backend.write(batch)?;
         self.store = Store::open(&*self.backend)?;
+        self.alarms = super::Alarms::open(&*self.backend)?;
         self.applied_index = index;
         Ok(())
     }

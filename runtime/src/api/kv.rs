@@ -55,7 +55,7 @@ impl Kv for KvService {
     ) -> Result<Response<pb::PutResponse>, Status> {
         self.api.refuse_learner()?;
         let r = request.into_inner();
-        self.api.check_quota(cost_put(&r))?;
+        self.api.check_quota(cost_put(&r)).await?;
         checked(precheck::put(&r))?;
         match self.api.propose(Envelope::Put(r)).await? {
             ApplyResponse::Put(mut resp) => {
@@ -88,7 +88,7 @@ impl Kv for KvService {
     ) -> Result<Response<pb::TxnResponse>, Status> {
         self.api.refuse_learner()?;
         let r = request.into_inner();
-        self.api.check_quota(cost_txn(&r))?;
+        self.api.check_quota(cost_txn(&r)).await?;
         checked(precheck::txn(&r, self.api.limits.max_txn_ops))?;
         if precheck::is_txn_read_only(&r) {
             if !txn_is_serializable(&r) {

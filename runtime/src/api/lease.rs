@@ -92,7 +92,7 @@ impl Lease for LeaseService {
         request: Request<pb::LeaseGrantRequest>,
     ) -> Result<Response<pb::LeaseGrantResponse>, Status> {
         let r = request.into_inner();
-        self.api.check_quota(LEASE_OVERHEAD)?;
+        self.api.check_quota(LEASE_OVERHEAD).await?;
         // Checked before proposing as well as at apply: the same order as etcd's Grant
         // (TTL first), so a too-large TTL never costs a log entry.
         if r.ttl > MAX_LEASE_TTL {

@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+// etcd's `costPut` and `costTxn` (nested transactions cost nothing, as in etcd).
+use metastore_core::alarm::{put_cost as cost_put, txn_cost as cost_txn};
 use metastore_core::{ApplyResponse, StateMachine};
 use metastore_proto::etcdserverpb as pb;
 use metastore_proto::metastore::{internal_request, InternalRequest, RequestHeader};
@@ -70,9 +72,6 @@ pub struct Api {
 /// How stale the engine size used by the quota check may be. etcd's quota is a soft
 /// bound too: it charges an estimate of each write against the current size.
 const SIZE_REFRESH: Duration = Duration::from_millis(100);
-
-/// etcd's `kvOverhead`: what the quota charges a put beyond its key and value.
-const KV_OVERHEAD: u64 = 256;
 
 impl Api {
     pub fn new(
@@ -157,9 +156,13 @@ impl Api {
         self.log.read_barrier().await.map_err(Status::from)
     }
 
-    /// etcd's quota check (`quotaKVServer`): a write that costs something is refused once
-    /// the engine plus the write would reach the quota.
-    pub fn check_quota(&self, cost: u64) -> Result<(), Status> {
+    /// etcd's quota check (`quotaAlarmer.check`): a write that costs something is refused
+    /// once the engine plus the write would reach the quota, and the refusal raises the
+    /// NOSPACE alarm through the log first (as etcd does, waiting for it), so that every
+    /// member stops accepting writes that cost space until the alarm is disarmed. Costs:
+    /// [`metastore_core::alarm::put_cost`], `txn_cost`, and `LEASE_OVERHEAD` for a lease
+    /// grant.
+    pub async fn check_quota(&self, cost: u64) -> Result<(), Status> {
         match self.limits.quota_bytes {
             Some(quota) if cost > 0 => {
                 let size = self.engine_size_for_quota();
@@ -167,8 +170,21 @@ impl Api {
                     tracing::warn!(
                         db_size = size,
                         quota,
-                        "refusing a write: database space exceeded"
+                        "refusing a write: database space exceeded; raising the NOSPACE alarm"
                     );
+                    let raise = pb::AlarmRequest {
+                        action: pb::alarm_request::AlarmAction::Activate as i32,
+                        member_id: self.identity.member_id,
+                        alarm: pb::AlarmType::Nospace as i32,
+                    };
+                    // etcd ignores the outcome of raising the alarm: the client gets
+                    // "database space exceeded" either way.
+                    if let Err(e) = self
+                        .propose_internal(internal_request::Request::Alarm(raise))
+                        .await
+                    {
+                        tracing::warn!(error = %e, "raising the NOSPACE alarm failed");
+                    }
                     return Err(EtcdError::NoSpace.status());
                 }
                 Ok(())
@@ -232,25 +248,6 @@ fn mismatched(what: &str, got: &ApplyResponse) -> Status {
     )))
 }
 
-/// etcd's `costPut`.
-fn cost_put(r: &pb::PutRequest) -> u64 {
-    KV_OVERHEAD + r.key.len() as u64 + r.value.len() as u64
-}
-
-/// etcd's `costTxn`: the costlier branch's puts (nested transactions included).
-fn cost_txn(r: &pb::TxnRequest) -> u64 {
-    fn branch(ops: &[pb::RequestOp]) -> u64 {
-        ops.iter()
-            .map(|op| match &op.request {
-                Some(pb::request_op::Request::RequestPut(p)) => cost_put(p),
-                Some(pb::request_op::Request::RequestTxn(t)) => cost_txn(t),
-                _ => 0,
-            })
-            .sum()
-    }
-    branch(&r.success).max(branch(&r.failure))
-}
-
 /// Whether every Range of a read-only transaction asked for a serializable read (etcd's
 /// `isTxnSerializable`); then no read barrier is needed.
 fn txn_is_serializable(r: &pb::TxnRequest) -> bool {
@@ -270,27 +267,6 @@ mod tests {
 
     fn op(r: Op) -> pb::RequestOp {
         pb::RequestOp { request: Some(r) }
-    }
-
-    #[test]
-    fn txn_costs_follow_etcd() {
-        let put = |k: &str, v: &str| {
-            op(Op::RequestPut(pb::PutRequest {
-                key: k.into(),
-                value: v.into(),
-                ..Default::default()
-            }))
-        };
-        let txn = pb::TxnRequest {
-            compare: vec![],
-            success: vec![put("a", "1"), put("bb", "22")],
-            failure: vec![op(Op::RequestTxn(pb::TxnRequest {
-                success: vec![put("c", "333333")],
-                ..Default::default()
-            }))],
-        };
-        assert_eq!(cost_txn(&txn), 256 * 2 + 2 + 4);
-        assert_eq!(cost_txn(&pb::TxnRequest::default()), 0);
     }
 
     #[test]
