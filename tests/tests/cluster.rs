@@ -379,3 +379,124 @@ async fn no_acknowledged_write_is_lost_when_any_member_is_killed_during_writes()
     })
     .await;
 }
+
+/// A lease renewed through a follower (which forwards to the leader) keeps its key
+/// through a leader kill and a `move-leader`; once renewals stop, the key goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_renewed_lease_survives_leader_changes_and_expires_after() {
+    use metastore_proto::etcdserverpb::lease_client::LeaseClient;
+    use metastore_proto::etcdserverpb::maintenance_client::MaintenanceClient;
+    use metastore_proto::etcdserverpb::{
+        LeaseGrantRequest, LeaseKeepAliveRequest, LeaseTimeToLiveRequest, MoveLeaderRequest,
+    };
+
+    async fn renew(s: &Server, id: i64) -> Option<i64> {
+        let attempt = async {
+            let ch = tonic::transport::Endpoint::from_shared(s.url())
+                .ok()?
+                .connect_timeout(Duration::from_millis(500))
+                .connect()
+                .await
+                .ok()?;
+            let mut lease = LeaseClient::new(ch);
+            let mut answers = lease
+                .lease_keep_alive(futures::stream::iter([LeaseKeepAliveRequest { id }]))
+                .await
+                .ok()?
+                .into_inner();
+            answers.message().await.ok()?.map(|a| a.ttl)
+        };
+        tokio::time::timeout(Duration::from_secs(3), attempt)
+            .await
+            .ok()
+            .flatten()
+    }
+
+    test_bounded(LIMIT, async {
+        let mut c = Cluster::start(kind(), 3, FAST).await;
+        let leader = c.leader(Duration::from_secs(20)).await;
+        let follower = (leader + 1) % 3;
+        let f = &c.members[follower];
+        let mut lease = LeaseClient::new(f.channel().await);
+        let id = lease
+            .lease_grant(LeaseGrantRequest { ttl: 3, id: 0 })
+            .await
+            .unwrap()
+            .into_inner()
+            .id;
+        let mut kv = f.kv().await;
+        kv.put(PutRequest {
+            key: b"session".to_vec(),
+            value: b"alive".to_vec(),
+            lease: id,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        // Renewal and time-to-live through a follower are answered by the leader.
+        assert_eq!(renew(f, id).await, Some(3));
+        let t = lease
+            .lease_time_to_live(LeaseTimeToLiveRequest { id, keys: true })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!((t.granted_ttl, &t.keys), (3, &vec![b"session".to_vec()]));
+        assert!((1..=3).contains(&t.ttl), "{t:?}");
+
+        // Renew every 500 ms through the follower for 8 s (several TTLs) while the
+        // leader is killed and restarted, then leadership is moved.
+        let started = Instant::now();
+        let mut killed = false;
+        let mut moved = false;
+        let mut renewed = 0;
+        while started.elapsed() < Duration::from_secs(8) {
+            if renew(&c.members[follower], id)
+                .await
+                .is_some_and(|ttl| ttl > 0)
+            {
+                renewed += 1;
+            }
+            if !killed && started.elapsed() > Duration::from_secs(1) {
+                c.members[leader].kill9();
+                killed = true;
+            }
+            if killed
+                && !c.members[leader].is_running()
+                && started.elapsed() > Duration::from_secs(3)
+            {
+                c.members[leader].relaunch();
+            }
+            if !moved && started.elapsed() > Duration::from_secs(5) {
+                let now = c.leader(Duration::from_secs(10)).await;
+                let to = (0..3).find(|i| *i != now).unwrap();
+                let to_id = MaintenanceClient::new(c.members[to].channel().await)
+                    .status(StatusRequest {})
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .header
+                    .unwrap()
+                    .member_id;
+                MaintenanceClient::new(c.members[now].channel().await)
+                    .move_leader(MoveLeaderRequest { target_id: to_id })
+                    .await
+                    .unwrap();
+                moved = true;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        assert!(moved && renewed >= 8, "renewed {renewed} times");
+        for m in c.members.iter().filter(|m| m.is_running()) {
+            let (kvs, _) = read_on(m, "session", true).await;
+            assert_eq!(kvs.len(), 1, "the key vanished on {} while renewed", m.name);
+        }
+        // No more renewals: the key goes after its TTL (plus at most an election
+        // timeout of extension and the revoke's commit).
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        for m in c.members.iter().filter(|m| m.is_running()) {
+            let (kvs, _) = read_on(m, "session", false).await;
+            assert!(kvs.is_empty(), "the key outlived its lease on {}", m.name);
+        }
+    })
+    .await;
+}

@@ -5,9 +5,10 @@
 //! raised to the member's minimum), the keep-alive stream, and how lease answers are
 //! assembled from the lease table (core) and the leader's timers (`lessor`). It must never
 //! change the lease table except through the log, and never decide expiry (the lessor's
-//! task does). Renewals and time-to-live are the leader's: on a member that does not lead
-//! they fail with etcd's "not leader" until Raft brings forwarding to the leader (the seam
-//! is [`Api::renew`] and [`LeaseService::lease_time_to_live`]).
+//! task does). Renewals and time-to-live are the leader's: a member that does not lead
+//! forwards them to the leader's client URL (etcd forwards over its peer HTTP API), once;
+//! a forwarded request that reaches a member that does not lead either is answered with
+//! etcd's "not leader", so a stale view of the leader can never make requests circle.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use futures::Stream;
 use metastore_core::lease::MAX_LEASE_TTL;
 use metastore_core::ApplyResponse;
 use metastore_proto::etcdserverpb as pb;
+use metastore_proto::etcdserverpb::lease_client::LeaseClient;
 use metastore_proto::etcdserverpb::lease_server::Lease;
 use metastore_proto::metastore::internal_request::Request as Envelope;
 use metastore_proto::metastore::LeaseGrant;
@@ -26,6 +28,67 @@ use super::{mismatched, Api};
 use crate::error::Error;
 use crate::lessor::Renewal;
 use crate::status::EtcdError;
+
+/// Marks a renewal or time-to-live question forwarded by another member.
+const FORWARDED: &str = "metastore-forwarded";
+/// How long a member without a known leader waits for one before answering "no leader".
+const LEADER_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// A channel to the current leader's client URL, kept while the leader stays the same.
+#[derive(Default)]
+pub struct LeaderLink {
+    cached: std::sync::Mutex<Option<(u64, tonic::transport::Channel)>>,
+}
+
+impl Api {
+    /// A Lease client to the current leader, waiting a little for one to be elected.
+    async fn leader_lease_client(&self) -> Result<LeaseClient<tonic::transport::Channel>, Status> {
+        let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+        let leader = loop {
+            let leader = self.log.status().leader;
+            if leader != 0 {
+                break leader;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(EtcdError::NoLeader.status());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        };
+        if leader == self.identity.member_id {
+            // Led here a moment ago but the lessor is not primary (yet or any more).
+            return Err(EtcdError::NotLeader.status());
+        }
+        if let Some((id, channel)) = self.leader_link.cached.lock().unwrap().as_ref() {
+            if *id == leader {
+                return Ok(LeaseClient::new(channel.clone()));
+            }
+        }
+        let url = self
+            .read(|sm| sm.member(leader))?
+            .and_then(|m| m.client_ur_ls.first().cloned())
+            .ok_or_else(|| EtcdError::NoLeader.status())?;
+        let channel = tonic::transport::Endpoint::from_shared(url)
+            .map_err(|_| EtcdError::NoLeader.status())?
+            .connect_timeout(std::time::Duration::from_secs(1))
+            .connect_lazy();
+        *self.leader_link.cached.lock().unwrap() = Some((leader, channel.clone()));
+        Ok(LeaseClient::new(channel))
+    }
+
+    /// Renews on the leader for a member that does not lead.
+    async fn forward_renew(&self, id: i64) -> Result<i64, Status> {
+        let mut client = self.leader_lease_client().await?;
+        let mut request = Request::new(futures::stream::iter([pb::LeaseKeepAliveRequest { id }]));
+        request
+            .metadata_mut()
+            .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+        let mut answers = client.lease_keep_alive(request).await?.into_inner();
+        match answers.message().await? {
+            Some(answer) => Ok(answer.ttl),
+            None => Err(EtcdError::NotLeader.status()),
+        }
+    }
+}
 
 /// etcd's `leaseOverhead`: what the quota charges a grant.
 const LEASE_OVERHEAD: u64 = 64;
@@ -45,7 +108,7 @@ impl LeaseService {
 impl Api {
     /// etcd's `LeaseRenew` on the leader: the lease's TTL after renewing, 0 when it does
     /// not exist or ran out (after its revoke has gone through, as etcd waits for it).
-    pub async fn renew(&self, id: i64) -> Result<i64, Status> {
+    pub async fn renew(&self, id: i64, forwarded: bool) -> Result<i64, Status> {
         match self.lessor.renew(id) {
             Renewal::Renewed {
                 ttl,
@@ -76,8 +139,8 @@ impl Api {
                     Err(e) => Err(e.into()),
                 }
             }
-            // Raft seam: forward the renewal to the leader.
-            Renewal::NotPrimary => Err(EtcdError::NotLeader.status()),
+            Renewal::NotPrimary if forwarded => Err(EtcdError::NotLeader.status()),
+            Renewal::NotPrimary => self.forward_renew(id).await,
         }
     }
 }
@@ -140,6 +203,7 @@ impl Lease for LeaseService {
         &self,
         request: Request<Streaming<pb::LeaseKeepAliveRequest>>,
     ) -> Result<Response<KeepAliveStream>, Status> {
+        let forwarded = request.metadata().contains_key(FORWARDED);
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(KEEPALIVE_QUEUE);
         let api = self.api.clone();
@@ -154,7 +218,7 @@ impl Lease for LeaseService {
                         break;
                     }
                 };
-                let answer = match api.renew(req.id).await {
+                let answer = match api.renew(req.id, forwarded).await {
                     Ok(ttl) => {
                         let mut resp = pb::LeaseKeepAliveResponse {
                             header: None,
@@ -182,8 +246,22 @@ impl Lease for LeaseService {
         &self,
         request: Request<pb::LeaseTimeToLiveRequest>,
     ) -> Result<Response<pb::LeaseTimeToLiveResponse>, Status> {
+        let forwarded = request.metadata().contains_key(FORWARDED);
         let r = request.into_inner();
         let lessor = self.api.lessor.clone();
+        if !lessor.is_primary() {
+            // The leader's timers answer, as in etcd (a follower's table may lag).
+            if forwarded {
+                return Err(EtcdError::NotLeader.status());
+            }
+            let mut client = self.api.leader_lease_client().await?;
+            let mut ask = Request::new(r);
+            ask.metadata_mut()
+                .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+            let mut resp = client.lease_time_to_live(ask).await?.into_inner();
+            self.api.fill(&mut resp.header);
+            return Ok(Response::new(resp));
+        }
         // The table and the timers are read under one state lock, so a revoke cannot
         // land between them.
         let mut resp = self.api.read(|sm| {
@@ -216,7 +294,7 @@ impl Lease for LeaseService {
             Some(resp) => {
                 self.api.fill(&mut resp.header);
             }
-            // Raft seam: ask the leader.
+            // Demoted between the check above and the read.
             None => return Err(EtcdError::NotLeader.status()),
         }
         Ok(Response::new(resp.take().unwrap_or_default()))

@@ -61,6 +61,8 @@ pub struct Api {
     pub min_lease_ttl: i64,
     /// etcd's ID generator (`idutil.Generator`), for lease IDs the server chooses.
     next_request_id: AtomicU64,
+    /// Where renewals and time-to-live questions go when another member leads.
+    pub leader_link: lease::LeaderLink,
     /// The engine size the quota check last saw, and when (ms since `started`): sizing
     /// an engine is not free (the memory engine walks every key), so writes share one
     /// reading per `SIZE_REFRESH`.
@@ -94,6 +96,7 @@ impl Api {
             lessor: Arc::new(PrimaryLessor::new(LessorConfig::default())),
             min_lease_ttl: 2,
             next_request_id: AtomicU64::new(prefix | suffix),
+            leader_link: lease::LeaderLink::default(),
             quota_size: AtomicU64::new(0),
             quota_size_at_ms: AtomicU64::new(u64::MAX),
             started: Instant::now(),
