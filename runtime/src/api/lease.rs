@@ -43,36 +43,52 @@ pub struct LeaderLink {
 impl Api {
     /// A Lease client to the current leader, waiting a little for one to be elected.
     async fn leader_lease_client(&self) -> Result<LeaseClient<tonic::transport::Channel>, Status> {
+        // A member may know the leader before it knows the leader's client URL (published
+        // through the log after the election): wait a little for both.
         let deadline = tokio::time::Instant::now() + LEADER_WAIT;
-        let leader = loop {
+        let (leader, url) = loop {
             let leader = self.log.status().leader;
+            if leader == self.identity.member_id {
+                // Led here a moment ago but the lessor is not primary (yet or any more).
+                return Err(EtcdError::NotLeader.status());
+            }
             if leader != 0 {
-                break leader;
+                if let Some((id, channel)) = self.leader_link.cached.lock().unwrap().as_ref() {
+                    if *id == leader {
+                        return Ok(LeaseClient::new(channel.clone()));
+                    }
+                }
+                let url = self
+                    .read(|sm| sm.member(leader))?
+                    .and_then(|m| m.client_ur_ls.first().cloned());
+                if let Some(url) = url {
+                    break (leader, url);
+                }
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(EtcdError::NoLeader.status());
             }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         };
-        if leader == self.identity.member_id {
-            // Led here a moment ago but the lessor is not primary (yet or any more).
-            return Err(EtcdError::NotLeader.status());
-        }
-        if let Some((id, channel)) = self.leader_link.cached.lock().unwrap().as_ref() {
-            if *id == leader {
-                return Ok(LeaseClient::new(channel.clone()));
-            }
-        }
-        let url = self
-            .read(|sm| sm.member(leader))?
-            .and_then(|m| m.client_ur_ls.first().cloned())
-            .ok_or_else(|| EtcdError::NoLeader.status())?;
         let channel = tonic::transport::Endpoint::from_shared(url)
             .map_err(|_| EtcdError::NoLeader.status())?
             .connect_timeout(std::time::Duration::from_secs(1))
             .connect_lazy();
         *self.leader_link.cached.lock().unwrap() = Some((leader, channel.clone()));
         Ok(LeaseClient::new(channel))
+    }
+
+    /// Whether this member's lessor is (or, having just won an election, soon becomes)
+    /// the primary: the lessor task notices a new leadership within its poll interval.
+    async fn settle_primary(&self) -> bool {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
+        while !self.lessor.is_primary() {
+            if !self.log.is_leader() || tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        true
     }
 
     /// Renews on the leader for a member that does not lead.
@@ -138,6 +154,9 @@ impl Api {
                     Ok(_) | Err(Error::Core(metastore_core::Error::LeaseNotFound)) => Ok(0),
                     Err(e) => Err(e.into()),
                 }
+            }
+            Renewal::NotPrimary if self.settle_primary().await => {
+                Box::pin(self.renew(id, forwarded)).await
             }
             Renewal::NotPrimary if forwarded => Err(EtcdError::NotLeader.status()),
             Renewal::NotPrimary => self.forward_renew(id).await,
@@ -249,7 +268,7 @@ impl Lease for LeaseService {
         let forwarded = request.metadata().contains_key(FORWARDED);
         let r = request.into_inner();
         let lessor = self.api.lessor.clone();
-        if !lessor.is_primary() {
+        if !lessor.is_primary() && !self.api.settle_primary().await {
             // The leader's timers answer, as in etcd (a follower's table may lag).
             if forwarded {
                 return Err(EtcdError::NotLeader.status());
