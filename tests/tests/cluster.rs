@@ -500,3 +500,131 @@ async fn a_renewed_lease_survives_leader_changes_and_expires_after() {
     })
     .await;
 }
+
+/// A watcher on a follower sees every write, in order, once, across a leader kill; a
+/// client that resumes on another member from its last revision + 1 sees no gap and no
+/// duplicate, and the events equal those a watcher on the new leader gets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn watchers_on_followers_survive_a_leader_change_and_resume_elsewhere() {
+    use metastore_proto::etcdserverpb::watch_request::RequestUnion;
+    use metastore_proto::etcdserverpb::WatchCreateRequest;
+    use metastore_tests::watch::RawWatch;
+
+    /// (revision, key) of every event received until `last` is seen.
+    async fn collect(w: &mut RawWatch, last: i64) -> Vec<(i64, String)> {
+        let mut seen = Vec::new();
+        while seen.last().map(|(r, _)| *r) != Some(last) {
+            let Some(resp) = w.next(Duration::from_secs(15)).await else {
+                panic!("watch stalled after {seen:?}");
+            };
+            for e in resp.events {
+                let kv = e.kv.unwrap();
+                seen.push((kv.mod_revision, String::from_utf8(kv.key).unwrap()));
+            }
+        }
+        seen
+    }
+
+    fn create(w: &RawWatch, start: i64) {
+        w.send(RequestUnion::CreateRequest(WatchCreateRequest {
+            key: b"w".to_vec(),
+            range_end: b"x".to_vec(),
+            start_revision: start,
+            ..Default::default()
+        }));
+    }
+
+    test_bounded(LIMIT, async {
+        let mut c = Cluster::start(kind(), 3, FAST).await;
+        let leader = c.leader(Duration::from_secs(20)).await;
+        let follower = (leader + 1) % 3;
+        let other = (leader + 2) % 3;
+        let mut w = RawWatch::open(c.members[follower].channel().await).await;
+        create(&w, 0);
+        let created = w.next(Duration::from_secs(10)).await.unwrap();
+        assert!(created.created);
+        let mut expected = Vec::new();
+        for i in 0..10 {
+            let k = format!("w{i:02}");
+            expected.push((put_on(&c.members[leader], &k, "v").await, k));
+        }
+        c.members[leader].kill9();
+        c.leader(Duration::from_secs(20)).await;
+        for i in 10..20 {
+            let k = format!("w{i:02}");
+            expected.push((put_on(&c.members[other], &k, "v").await, k));
+        }
+        let last = expected.last().unwrap().0;
+        let seen = collect(&mut w, last).await;
+        assert_eq!(seen, expected, "the follower's watcher");
+
+        // Resume on another member from the middle of the history.
+        let resume_from = expected[7].0;
+        let mut w2 = RawWatch::open(c.members[other].channel().await).await;
+        create(&w2, resume_from);
+        assert!(w2.next(Duration::from_secs(10)).await.unwrap().created);
+        let seen = collect(&mut w2, last).await;
+        assert_eq!(seen, expected[7..].to_vec(), "the resumed watcher");
+    })
+    .await;
+}
+
+/// Leases and their keys survive a restart of the whole cluster; the restarted leader
+/// extends them (etcd's promotion) and, without renewals, they expire afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leases_survive_a_whole_cluster_restart() {
+    use metastore_proto::etcdserverpb::lease_client::LeaseClient;
+    use metastore_proto::etcdserverpb::{LeaseGrantRequest, LeaseLeasesRequest};
+
+    test_bounded(LIMIT, async {
+        let mut c = Cluster::start(kind(), 3, FAST).await;
+        let leader = c.leader(Duration::from_secs(20)).await;
+        let mut lease = LeaseClient::new(c.members[leader].channel().await);
+        let id = lease
+            .lease_grant(LeaseGrantRequest { ttl: 6, id: 0 })
+            .await
+            .unwrap()
+            .into_inner()
+            .id;
+        let mut kv = c.members[leader].kv().await;
+        kv.put(PutRequest {
+            key: b"owned".to_vec(),
+            value: b"v".to_vec(),
+            lease: id,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        for m in &mut c.members {
+            m.kill9();
+        }
+        for m in &mut c.members {
+            m.relaunch();
+        }
+        for m in &c.members {
+            m.wait_ready().await;
+        }
+        let leader = c.leader(Duration::from_secs(20)).await;
+        let ids: Vec<i64> = LeaseClient::new(c.members[leader].channel().await)
+            .lease_leases(LeaseLeasesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .leases
+            .iter()
+            .map(|l| l.id)
+            .collect();
+        assert_eq!(ids, vec![id]);
+        for m in &c.members {
+            let (kvs, _) = read_on(m, "owned", false).await;
+            assert_eq!(kvs.len(), 1, "on {}", m.name);
+        }
+        // Not renewed: gone after the TTL and the promotion's extension.
+        tokio::time::sleep(Duration::from_secs(9)).await;
+        for m in &c.members {
+            let (kvs, _) = read_on(m, "owned", false).await;
+            assert!(kvs.is_empty(), "the key outlived its lease on {}", m.name);
+        }
+    })
+    .await;
+}
