@@ -525,3 +525,51 @@ async fn etcdctl_watch_matches_etcd() {
     })
     .await;
 }
+
+/// A lease's expiry reaches watchers as DELETE events of one revision, with `prev_kv`,
+/// exactly as etcd's do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_expiry_is_watched_like_etcd() {
+    test_bounded(LIMIT, async {
+        let mut p = Pair::start().await;
+        let mut seen = Vec::new();
+        for s in [&p.etcd, &p.subject] {
+            let mut c = s.etcd_client().await;
+            let mut ws = c
+                .watch(
+                    "l/",
+                    Some(WatchOptions::new().with_prefix().with_prev_key()),
+                )
+                .await
+                .unwrap();
+            let (_, _, created) = next(&mut ws).await;
+            let lease = c.lease_grant(2, None).await.unwrap().id();
+            let opts = || Some(etcd_client::PutOptions::new().with_lease(lease));
+            c.put("l/a", "1", opts()).await.unwrap();
+            c.put("l/b", "2", opts()).await.unwrap();
+            let mut got = vec![created];
+            let mut events = 0;
+            // Two puts, then both deletes when the lease expires (etcd: within ~0.5 s
+            // of the TTL; the wait below is bounded by `next`'s 5 s and the TTL).
+            while events < 4 {
+                let r = tokio::time::timeout(Duration::from_secs(10), ws.message())
+                    .await
+                    .expect("a watch response")
+                    .unwrap()
+                    .unwrap();
+                events += r.events().len();
+                got.push(format!(
+                    "rev={} events={:?}",
+                    r.header().unwrap().revision(),
+                    render_events(&r)
+                ));
+            }
+            seen.push(got.join("\n"));
+        }
+        let s = seen.pop().unwrap();
+        let e = seen.pop().unwrap();
+        p.check_text("lease expiry seen by a watcher".into(), e, s);
+        p.finish();
+    })
+    .await;
+}
