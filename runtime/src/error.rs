@@ -20,6 +20,11 @@ pub enum Error {
     /// request timeout (no leader, no quorum).
     #[error("request timed out")]
     Timeout,
+    /// A proposal that never reached a leader before the request timeout: etcd's raft
+    /// holds proposals while there is no leader, and the request then ends with its
+    /// context's deadline.
+    #[error("context deadline exceeded")]
+    ProposalDeadline,
     /// A membership or leadership request this member cannot serve (etcd's cluster
     /// errors that are decided outside the state machine).
     #[error(transparent)]

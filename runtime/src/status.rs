@@ -182,6 +182,9 @@ pub fn to_status(err: &Error) -> Status {
         },
         Error::Stopped => EtcdError::Stopped.status(),
         Error::Timeout => EtcdError::Timeout.status(),
+        // etcd has no gRPC mapping for a context error: the status is Unknown with Go's
+        // text.
+        Error::ProposalDeadline => Status::unknown("context deadline exceeded"),
         Error::Cluster(c) => {
             use crate::error::ClusterError as K;
             match c {
@@ -265,6 +268,7 @@ mod tests {
                 [
                     Error::Stopped,
                     Error::Timeout,
+                    Error::ProposalDeadline,
                     Error::Cluster(crate::error::ClusterError::NotLeader),
                     Error::Cluster(crate::error::ClusterError::BadLeaderTransferee),
                     Error::Cluster(crate::error::ClusterError::LearnerNotReady),

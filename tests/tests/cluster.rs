@@ -259,9 +259,10 @@ async fn without_a_quorum_writes_and_linearizable_reads_time_out_serializable_re
         let err = bounded("put without quorum", kv.put(put("k", "w")))
             .await
             .unwrap_err();
+        // What etcd 3.4 answers (see `no_quorum_answers_match_etcd`).
         assert_eq!(
             (err.code(), err.message()),
-            (Code::Unavailable, "etcdserver: request timed out")
+            (Code::Unknown, "context deadline exceeded")
         );
         assert!(started.elapsed() < Duration::from_secs(15));
         let err = bounded("linearizable read without quorum", kv.range(get("k")))
@@ -625,6 +626,49 @@ async fn leases_survive_a_whole_cluster_restart() {
             let (kvs, _) = read_on(m, "owned", false).await;
             assert!(kvs.is_empty(), "the key outlived its lease on {}", m.name);
         }
+    })
+    .await;
+}
+
+/// Without a quorum, a write, a linearizable read and Status on the surviving member
+/// answer as etcd 3.4's do, after the same request timeout (5 s + 2 election timeouts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_quorum_answers_match_etcd() {
+    use metastore_proto::etcdserverpb::StatusRequest;
+
+    test_bounded(LIMIT, async {
+        let mut answers = Vec::new();
+        for kind in [Kind::Etcd, kind()] {
+            let mut c = Cluster::start(kind, 3, FAST).await;
+            let leader = c.leader(Duration::from_secs(20)).await;
+            let survivor = (leader + 1) % 3;
+            for i in (0..3).filter(|i| *i != survivor) {
+                c.members[i].kill9();
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let mut kv = c.members[survivor].kv().await;
+            let started = Instant::now();
+            let put = bounded("put", kv.put(put("k", "v"))).await.unwrap_err();
+            let put_secs = started.elapsed().as_secs_f64().round();
+            let get = bounded("get", kv.range(get("k"))).await.unwrap_err();
+            let status = c.members[survivor]
+                .maintenance()
+                .await
+                .status(StatusRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            answers.push(format!(
+                "put: {:?} {:?} after ~{put_secs} s\nget: {:?} {:?}\nstatus: leader {} errors {:?}",
+                put.code(),
+                put.message(),
+                get.code(),
+                get.message(),
+                status.leader,
+                status.errors
+            ));
+        }
+        assert_eq!(answers[1], answers[0], "metastore (left: etcd)");
     })
     .await;
 }

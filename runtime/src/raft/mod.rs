@@ -286,6 +286,7 @@ impl Replicator for RaftNode {
     fn propose(&self, mut request: InternalRequest) -> BoxFuture<'static, Result<ApplyResponse>> {
         let inbox = self.inbox.clone();
         let timeout = self.request_timeout;
+        let shared = self.shared.clone();
         // One ID space per member for everything it proposes (requests, configuration
         // changes, attributes): a waiter is found by the ID its entry carries.
         let header = request.header.get_or_insert_with(Default::default);
@@ -298,6 +299,9 @@ impl Replicator for RaftNode {
                 .map_err(|_| Error::Stopped)?;
             match tokio::time::timeout(timeout, answer).await {
                 Ok(answer) => answer.map_err(|_| Error::Stopped)?,
+                // Still no leader: the proposal never left this member (etcd's raft
+                // holds it the same way, and its request ends with the deadline).
+                Err(_) if shared.leader.load(Ordering::SeqCst) == 0 => Err(Error::ProposalDeadline),
                 Err(_) => Err(Error::Timeout),
             }
         })
