@@ -26,7 +26,7 @@ pub enum Bucket {
     AuthRoles,
     Members,
     MembersRemoved,
-    /// The replicated log (single-member log now, Raft log later) and its hard state.
+    /// The raft log, its hard state, conf state and compaction point (the runtime's).
     Log,
 }
 
