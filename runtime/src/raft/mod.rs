@@ -282,45 +282,51 @@ impl RaftNode {
     }
 }
 
-impl Replicator for RaftNode {
-    fn propose(&self, mut request: InternalRequest) -> BoxFuture<'static, Result<ApplyResponse>> {
+impl RaftNode {
+    /// Hands an input carrying a reply channel to the raft loop and waits for the answer,
+    /// at most the request timeout; `timed_out` says what a timeout means for this input.
+    fn ask<T: Send + 'static>(
+        &self,
+        input: impl FnOnce(oneshot::Sender<Result<T>>) -> Input + Send + 'static,
+        timed_out: impl FnOnce(&Shared) -> Error + Send + 'static,
+    ) -> BoxFuture<'static, Result<T>> {
         let inbox = self.inbox.clone();
         let timeout = self.request_timeout;
         let shared = self.shared.clone();
+        Box::pin(async move {
+            let (reply, answer) = oneshot::channel();
+            inbox.send(input(reply)).await.map_err(|_| Error::Stopped)?;
+            match tokio::time::timeout(timeout, answer).await {
+                // A dropped reply means the raft loop stopped with the input in hand.
+                Ok(answer) => answer.map_err(|_| Error::Stopped)?,
+                Err(_) => Err(timed_out(&shared)),
+            }
+        })
+    }
+}
+
+impl Replicator for RaftNode {
+    fn propose(&self, mut request: InternalRequest) -> BoxFuture<'static, Result<ApplyResponse>> {
         // One ID space per member for everything it proposes (requests, configuration
         // changes, attributes): a waiter is found by the ID its entry carries.
         let header = request.header.get_or_insert_with(Default::default);
         header.id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
-        Box::pin(async move {
-            let (reply, answer) = oneshot::channel();
-            inbox
-                .send(Input::Propose(request, reply))
-                .await
-                .map_err(|_| Error::Stopped)?;
-            match tokio::time::timeout(timeout, answer).await {
-                Ok(answer) => answer.map_err(|_| Error::Stopped)?,
-                // Still no leader: the proposal never left this member (etcd's raft
-                // holds it the same way, and its request ends with the deadline).
-                Err(_) if shared.leader.load(Ordering::SeqCst) == 0 => Err(Error::ProposalDeadline),
-                Err(_) => Err(Error::Timeout),
-            }
-        })
+        self.ask(
+            |reply| Input::Propose(request, reply),
+            |shared| {
+                if shared.leader.load(Ordering::SeqCst) == 0 {
+                    // Still no leader: the proposal never left this member (etcd's raft
+                    // holds it the same way, and its request ends with the deadline).
+                    Error::ProposalDeadline
+                } else {
+                    Error::Timeout
+                }
+            },
+        )
     }
 
     fn read_barrier(&self) -> BoxFuture<'static, Result<()>> {
-        let inbox = self.inbox.clone();
-        let timeout = self.request_timeout;
-        Box::pin(async move {
-            let (reply, answer) = oneshot::channel();
-            inbox
-                .send(Input::Read(reply))
-                .await
-                .map_err(|_| Error::Stopped)?;
-            match tokio::time::timeout(timeout, answer).await {
-                Ok(answer) => answer.map_err(|_| Error::Stopped)?,
-                Err(_) => Err(Error::Timeout),
-            }
-        })
+        self.ask(Input::Read, |_| Error::Timeout)
     }
 
     fn status(&self) -> ReplicaStatus {
@@ -339,35 +345,17 @@ impl Replicator for RaftNode {
     }
 
     fn change_members(&self, change: MemberChange) -> BoxFuture<'static, Result<ApplyResponse>> {
-        let inbox = self.inbox.clone();
-        let timeout = self.request_timeout;
-        Box::pin(async move {
-            let (reply, answer) = oneshot::channel();
-            inbox
-                .send(Input::ChangeMembers(change, reply))
-                .await
-                .map_err(|_| Error::Stopped)?;
-            match tokio::time::timeout(timeout, answer).await {
-                Ok(answer) => answer.map_err(|_| Error::Stopped)?,
-                Err(_) => Err(Error::Timeout),
-            }
-        })
+        self.ask(
+            |reply| Input::ChangeMembers(change, reply),
+            |_| Error::Timeout,
+        )
     }
 
     fn move_leader(&self, target: u64) -> BoxFuture<'static, Result<()>> {
-        let inbox = self.inbox.clone();
-        let timeout = self.request_timeout;
-        Box::pin(async move {
-            let (reply, answer) = oneshot::channel();
-            inbox
-                .send(Input::MoveLeader(target, reply))
-                .await
-                .map_err(|_| Error::Stopped)?;
-            match tokio::time::timeout(timeout, answer).await {
-                Ok(answer) => answer.map_err(|_| Error::Stopped)?,
-                Err(_) => Err(ClusterError::LeaderTransferTimeout.into()),
-            }
-        })
+        self.ask(
+            move |reply| Input::MoveLeader(target, reply),
+            |_| ClusterError::LeaderTransferTimeout.into(),
+        )
     }
 }
 
@@ -607,10 +595,13 @@ impl Driver {
             batch.sync = true;
             self.engine.write(batch)?;
         }
+        // What may only leave once the entries are durable (a follower's append
+        // acknowledgements, votes) goes now, not after the apply: the leader's commit
+        // should not wait for this member's apply.
+        self.transport.send(ready.take_persisted_messages());
         // Status must never show an applied index above the committed one.
         self.publish_status();
         self.apply(ready.take_committed_entries())?;
-        self.transport.send(ready.take_persisted_messages());
         self.confirm_reads(ready.take_read_states());
 
         let mut light = self.node.advance(ready);
