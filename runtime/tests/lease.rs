@@ -9,21 +9,10 @@ use metastore_proto::etcdserverpb as pb;
 use metastore_proto::etcdserverpb::kv_client::KvClient;
 use metastore_proto::etcdserverpb::lease_client::LeaseClient;
 use metastore_runtime::config::Config;
-use metastore_runtime::RunningServer;
 use tonic::transport::Channel;
 
-async fn start(config: Config) -> (RunningServer, Channel) {
-    let server = metastore_runtime::start(config)
-        .await
-        .expect("server starts");
-    let url = format!("http://{}", server.client_addrs[0]);
-    let channel = Channel::from_shared(url)
-        .unwrap()
-        .connect()
-        .await
-        .expect("connects");
-    (server, channel)
-}
+mod common;
+use common::start;
 
 fn prefix_count(prefix: &str) -> pb::RangeRequest {
     let mut end = prefix.as_bytes().to_vec();

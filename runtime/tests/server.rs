@@ -9,25 +9,13 @@ use metastore_proto::etcdserverpb::cluster_client::ClusterClient;
 use metastore_proto::etcdserverpb::kv_client::KvClient;
 use metastore_proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use metastore_runtime::config::{Config, Engine};
-use metastore_runtime::RunningServer;
-use tonic::transport::Channel;
 use tonic::Code;
 
 const DEFAULT_MEMBER_ID: u64 = 0x8e9e05c52164694d;
 const DEFAULT_CLUSTER_ID: u64 = 0xcdf818194e3a8c32;
 
-async fn start(config: Config) -> (RunningServer, Channel) {
-    let server = metastore_runtime::start(config)
-        .await
-        .expect("server starts");
-    let url = format!("http://{}", server.client_addrs[0]);
-    let channel = Channel::from_shared(url)
-        .unwrap()
-        .connect()
-        .await
-        .expect("connects");
-    (server, channel)
-}
+mod common;
+use common::start;
 
 fn put(key: &str, value: &str) -> pb::PutRequest {
     pb::PutRequest {

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use metastore_proto::etcdserverpb::kv_client::KvClient;
 use metastore_proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use metastore_proto::etcdserverpb::RangeRequest;
+use metastore_proto::etcdserverpb::StatusRequest;
 use tonic::transport::{Channel, Endpoint};
 
 /// The real etcd the tests compare against (Debian `etcd-server`).
@@ -352,6 +353,15 @@ impl Server {
     /// Raw Maintenance stub.
     pub async fn maintenance(&self) -> MaintenanceClient<Channel> {
         MaintenanceClient::new(self.channel().await).max_decoding_message_size(64 << 20)
+    }
+
+    /// This server's member ID, as its Status response header carries it.
+    pub async fn member_id(&self) -> u64 {
+        let mut m = self.maintenance().await;
+        let status = crate::bounded("status", m.status(StatusRequest {}))
+            .await
+            .unwrap_or_else(|e| panic!("status of {}: {e:?}", self.name));
+        status.into_inner().header.map_or(0, |h| h.member_id)
     }
 
     /// An `etcd-client` crate client connected to this server.

@@ -131,16 +131,7 @@ async fn writes_on_any_member_are_read_linearizably_on_every_member() {
         }
         assert!(terms.iter().all(|t| *t == terms[0]), "{terms:?}");
         assert!(leaders.iter().all(|l| *l == leaders[0]), "{leaders:x?}");
-        let leader_id = c.members[leader]
-            .maintenance()
-            .await
-            .status(StatusRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .header
-            .unwrap()
-            .member_id;
+        let leader_id = c.members[leader].member_id().await;
         assert_eq!(leaders[0], leader_id);
         let hashes: Vec<_> = futures_hashes(&c, 4).await;
         assert!(hashes.iter().all(|h| *h == hashes[0]), "{hashes:?}");
@@ -470,14 +461,7 @@ async fn a_renewed_lease_survives_leader_changes_and_expires_after() {
             if !moved && started.elapsed() > Duration::from_secs(5) {
                 let now = c.leader(Duration::from_secs(10)).await;
                 let to = (0..3).find(|i| *i != now).unwrap();
-                let to_id = MaintenanceClient::new(c.members[to].channel().await)
-                    .status(StatusRequest {})
-                    .await
-                    .unwrap()
-                    .into_inner()
-                    .header
-                    .unwrap()
-                    .member_id;
+                let to_id = c.members[to].member_id().await;
                 MaintenanceClient::new(c.members[now].channel().await)
                     .move_leader(MoveLeaderRequest { target_id: to_id })
                     .await

@@ -50,17 +50,6 @@ fn member_list(s: &Server) -> Vec<(u64, String, usize, bool)> {
         .collect()
 }
 
-async fn member_id(s: &Server) -> u64 {
-    let mut m = s.maintenance().await;
-    bounded("status", m.status(StatusRequest {}))
-        .await
-        .unwrap()
-        .into_inner()
-        .header
-        .unwrap()
-        .member_id
-}
-
 async fn serializable_revision(s: &Server) -> Option<i64> {
     // The member may not be listening yet: no panicking connect here.
     let ep = tonic::transport::Endpoint::from_shared(s.url())
@@ -191,7 +180,7 @@ async fn members_are_listed_added_promoted_updated_and_removed_with_etcdctl() {
             },
         )
         .await;
-        let m4_id = member_id(&m4).await;
+        let m4_id = m4.member_id().await;
         let list = member_list(&c.members[0]);
         assert!(list.iter().any(|m| m.0 == m4_id && m.3), "{list:?}");
         // A second learner is one too many.
@@ -268,7 +257,7 @@ async fn members_are_listed_added_promoted_updated_and_removed_with_etcdctl() {
 
         // move-leader to another voter.
         let to = (leader + 1) % 3;
-        let to_id = member_id(&c.members[to]).await;
+        let to_id = c.members[to].member_id().await;
         let eps = endpoints(&c) + "," + &m4.endpoint();
         let out = ok(
             &metastore_tests::etcdctl(&eps, &["move-leader", &format!("{to_id:x}")], None),
