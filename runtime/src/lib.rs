@@ -25,5 +25,23 @@ pub mod storage;
 pub mod watch;
 
 pub use config::{Config, Flags};
+
+/// Runs storage, apply and whole-store work off the async worker threads. Under
+/// simulation there are no blocking threads (madsim refuses OS threads), so it runs
+/// inline, which also keeps the run deterministic.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::result::Result<T, String> {
+    #[cfg(not(madsim))]
+    {
+        tokio::task::spawn_blocking(f)
+            .await
+            .map_err(|e| e.to_string())
+    }
+    #[cfg(madsim)]
+    {
+        Ok(f())
+    }
+}
 pub use error::{Error, Result};
-pub use server::{start, RunningServer, StartError};
+pub use server::{start, start_with_engine, RunningServer, StartError};

@@ -68,6 +68,15 @@ pub struct RunningServer {
 
 /// Binds the client listeners, opens storage, recovers the log and starts serving.
 pub async fn start(config: Config) -> Result<RunningServer, StartError> {
+    start_with_engine(config, None).await
+}
+
+/// [`start`], on `engine` when given instead of the one `config` names (the simulation
+/// supplies a disk of its own that outlives the member).
+pub async fn start_with_engine(
+    config: Config,
+    engine: Option<Engine>,
+) -> Result<RunningServer, StartError> {
     let mut identity = Identity::from_config(&config);
     // Listeners first, as etcd does: a port conflict fails before the data directory is
     // touched.
@@ -104,10 +113,13 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         peer_listeners.push(listener);
     }
 
-    let engine = Engine::open(&config).map_err(|e| StartError::Storage {
-        engine: engine_label(&config),
-        error: e.0,
-    })?;
+    let engine = match engine {
+        Some(engine) => engine,
+        None => Engine::open(&config).map_err(|e| StartError::Storage {
+            engine: engine_label(&config),
+            error: e.0,
+        })?,
+    };
     let sm = StateMachine::open(
         engine.boxed(),
         StateMachineConfig {

@@ -35,7 +35,7 @@ impl MaintenanceService {
         f: impl FnOnce(&Api) -> Result<T, Status> + Send + 'static,
     ) -> Result<T, Status> {
         let api = self.api.clone();
-        tokio::task::spawn_blocking(move || f(&api))
+        crate::blocking(move || f(&api))
             .await
             .map_err(|e| Status::from(Error::Internal(format!("hash task failed: {e}"))))?
     }

@@ -33,6 +33,7 @@ use raft::eraftpb::{
 use raft::{RawNode, SnapshotStatus, StateRole};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::blocking;
 use crate::error::{ClusterError, Error, Result};
 use crate::replication::{read_state, EventSink, ReplicaStatus, Replicator, SharedState};
 use storage::RaftStorage;
@@ -464,23 +465,6 @@ async fn run(mut driver: Driver, mut inbox: mpsc::Receiver<Input>, heartbeat: Du
     }
     if let Some(ack) = closing {
         let _ = ack.send(());
-    }
-}
-
-/// Runs storage and apply work off the async worker threads. Under simulation there are
-/// no blocking threads, so it runs inline.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> T + Send + 'static,
-) -> std::result::Result<T, String> {
-    #[cfg(not(madsim))]
-    {
-        tokio::task::spawn_blocking(f)
-            .await
-            .map_err(|e| e.to_string())
-    }
-    #[cfg(madsim)]
-    {
-        Ok(f())
     }
 }
 

@@ -23,6 +23,10 @@ pub enum Engine {
     Memory(Arc<MemoryBackend>),
     #[cfg(feature = "rocksdb")]
     RocksDb(Arc<rocks::RocksBackend>),
+    /// An engine the embedder opened and passes to [`crate::server::start_with_engine`]
+    /// (the simulation's disk, which survives a simulated crash). `flush` syncs it with an
+    /// empty synced batch, which makes every earlier write durable (see above).
+    Supplied(Arc<dyn Backend>),
 }
 
 impl Engine {
@@ -47,6 +51,7 @@ impl Engine {
             Engine::Memory(m) => m.clone(),
             #[cfg(feature = "rocksdb")]
             Engine::RocksDb(r) => r.clone(),
+            Engine::Supplied(b) => b.clone(),
         }
     }
 
@@ -66,6 +71,7 @@ impl Engine {
             Engine::Memory(m) => m.size_bytes(),
             #[cfg(feature = "rocksdb")]
             Engine::RocksDb(r) => r.size_in_use(),
+            Engine::Supplied(b) => b.size_bytes(),
         }
     }
 
@@ -76,6 +82,11 @@ impl Engine {
             Engine::Memory(_) => Ok(()),
             #[cfg(feature = "rocksdb")]
             Engine::RocksDb(r) => r.flush(),
+            Engine::Supplied(b) => {
+                let mut batch = metastore_core::WriteBatch::new();
+                batch.sync = true;
+                b.write(batch)
+            }
         }
     }
 
