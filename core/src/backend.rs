@@ -167,6 +167,18 @@ impl MemoryBackend {
     pub fn new() -> Self {
         Self::default()
     }
+
+    /// An independent engine holding the same bytes (the simulated disk keeps its
+    /// durable image this way).
+    pub fn duplicate(&self) -> Self {
+        let map = match self.buckets.read() {
+            Ok(map) => map.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        Self {
+            buckets: RwLock::new(map),
+        }
+    }
 }
 
 impl Backend for MemoryBackend {

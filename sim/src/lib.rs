@@ -8,7 +8,16 @@
 //! It must never read the wall clock or an unseeded random source: every run is replayable
 //! from its seed (`METASTORE_SIM_SEED=N` replays one seed of the seed-range tests).
 
+#[cfg(madsim)]
+pub mod clients;
+#[cfg(madsim)]
+pub mod cluster;
+pub mod disk;
+#[cfg(madsim)]
+pub mod faults;
 pub mod history;
+#[cfg(madsim)]
+pub mod run;
 pub mod workload;
 
 pub use workload::KvWorkload;

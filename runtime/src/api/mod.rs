@@ -156,6 +156,10 @@ impl Api {
 
     /// Waits until a linearizable read may be served locally.
     pub async fn read_barrier(&self) -> Result<(), Status> {
+        #[cfg(madsim)]
+        if injected_bugs::STALE_READS.with(|on| on.get()) {
+            return Ok(());
+        }
         self.log.read_barrier().await.map_err(Status::from)
     }
 
@@ -292,5 +296,20 @@ mod tests {
             ..Default::default()
         };
         assert!(!txn_is_serializable(&linear));
+    }
+}
+
+/// Bugs the simulation injects on purpose to prove its checkers catch them. Only the
+/// simulation build has them; a production build cannot turn them on.
+/// They are per thread: a simulation runs every node of one seed on one thread, and other
+/// tests of the same binary run on other threads.
+#[cfg(madsim)]
+pub mod injected_bugs {
+    use std::cell::Cell;
+
+    thread_local! {
+        /// Serve linearizable reads from local state without ReadIndex (a partitioned
+        /// member then answers stale values).
+        pub static STALE_READS: Cell<bool> = const { Cell::new(false) };
     }
 }

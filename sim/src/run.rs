@@ -1,0 +1,213 @@
+//! One simulated run: start a cluster, run KV clients and watchers while the fault
+//! schedule plays, heal, let the cluster settle, and hand back everything observed for
+//! the checkers, with a trace hash that two runs of one seed must share.
+//!
+//! This module owns the order of a run's phases. It must never judge the history (that
+//! is `check`); it only reports what it saw and whether the cluster converged.
+
+use std::hash::{Hash, Hasher};
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::clients::{client_ip, kv_client, watcher, Recorder};
+use crate::cluster::SimCluster;
+use crate::faults::{run_schedule, FaultLog, FaultPlan};
+use crate::history::History;
+
+/// The shape of a run.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub members: usize,
+    pub kv_clients: usize,
+    pub watchers: usize,
+    pub keys: usize,
+    /// How long the workload and the fault schedule run (simulated time).
+    pub duration: Duration,
+    pub faults: FaultPlan,
+    /// Test-only: serve linearizable reads without ReadIndex (the checkers must notice).
+    pub stale_reads_bug: bool,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            members: 3,
+            kv_clients: 5,
+            watchers: 3,
+            keys: 4,
+            duration: Duration::from_secs(30),
+            faults: FaultPlan::default(),
+            stale_reads_bug: false,
+        }
+    }
+}
+
+/// What a run observed.
+pub struct RunReport {
+    pub history: History,
+    pub faults: FaultLog,
+    /// The revision every member agreed on at the end (0 when they did not converge).
+    pub final_revision: i64,
+    /// `Err` says how the members differ at the end (revision or HashKV), or which
+    /// watcher never caught up after the heal.
+    pub convergence: Result<(), String>,
+    /// Simulated time the run took.
+    pub elapsed: Duration,
+}
+
+impl RunReport {
+    /// A hash of everything observed: the same seed must give the same hash.
+    pub fn trace_hash(&self) -> u64 {
+        // DefaultHasher::new() has fixed keys: the hash is stable within one build.
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        self.history.hash(&mut hasher);
+        for (at, what) in self.faults.entries() {
+            at.hash(&mut hasher);
+            what.hash(&mut hasher);
+        }
+        self.final_revision.hash(&mut hasher);
+        hasher.finish()
+    }
+}
+
+/// How long the cluster gets after the heal to agree on one revision and hash.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub async fn run(config: RunConfig) -> RunReport {
+    metastore_runtime::api::injected_bugs::STALE_READS.with(|on| on.set(config.stale_reads_bug));
+    let started = tokio::time::Instant::now();
+    let log = FaultLog::new();
+    let mut cluster = SimCluster::start(config.members, log.clone()).await;
+    log.record(format!("cluster of {} up", config.members));
+
+    let recorder = Recorder::new();
+    let (kv_stop, kv_stop_rx) = watch::channel(false);
+    let (watch_stop, watch_stop_rx) = watch::channel(false);
+    let handle = madsim::runtime::Handle::current();
+    let mut tasks = Vec::new();
+    for c in 0..config.kv_clients {
+        let node = handle
+            .create_node()
+            .name(format!("client{c}"))
+            .ip(client_ip(c))
+            .build();
+        tasks.push(node.spawn(kv_client(
+            c,
+            config.members,
+            config.keys,
+            recorder.clone(),
+            kv_stop_rx.clone(),
+        )));
+    }
+    for w in 0..config.watchers {
+        let node = handle
+            .create_node()
+            .name(format!("watcher{w}"))
+            .ip(client_ip(100 + w))
+            .build();
+        // The first watcher sees everything from revision 1; the others start from "now"
+        // or from an early revision, so streams of every kind are compared.
+        let start = match w % 3 {
+            0 => 1,
+            1 => 0,
+            _ => 2,
+        };
+        tasks.push(node.spawn(watcher(
+            w,
+            config.members,
+            start,
+            recorder.clone(),
+            watch_stop_rx.clone(),
+        )));
+    }
+
+    run_schedule(&mut cluster, &config.faults, config.duration).await;
+    // Clients keep going for a while on the healed cluster: their retries land, and
+    // indeterminate operations get followed by determinate ones.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    kv_stop.send_replace(true);
+    // A client mid-operation finishes it (bounded by its own timeout).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    let (final_revision, mut convergence) = settle(&cluster).await;
+    if convergence.is_ok() {
+        // Watchers need a moment to deliver the last revisions after the heal.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    watch_stop.send_replace(true);
+    for task in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+    }
+    let history = recorder.history();
+    if convergence.is_ok() {
+        convergence = watchers_caught_up(&history, config.watchers, final_revision);
+    }
+    log.record(format!("end at revision {final_revision}"));
+    RunReport {
+        history,
+        faults: log,
+        final_revision,
+        convergence,
+        elapsed: started.elapsed(),
+    }
+}
+
+/// Waits until every member reports the same revision, then compares their HashKV at it.
+async fn settle(cluster: &SimCluster) -> (i64, Result<(), String>) {
+    let deadline = tokio::time::Instant::now() + SETTLE_TIMEOUT;
+    loop {
+        let mut revisions = Vec::new();
+        for i in 0..cluster.size() {
+            revisions.push(cluster.revision(i).await);
+        }
+        let first = revisions[0];
+        let last = if first.is_some() && revisions.iter().all(|r| *r == first) {
+            let revision = first.unwrap_or_default();
+            let mut hashes = Vec::new();
+            for i in 0..cluster.size() {
+                hashes.push(cluster.hash_kv(i, revision).await);
+            }
+            if hashes[0].is_some() && hashes.iter().all(|h| *h == hashes[0]) {
+                return (revision, Ok(()));
+            }
+            format!("revision {revision} everywhere, HashKV {hashes:?}")
+        } else {
+            format!("revisions {revisions:?}")
+        };
+        if tokio::time::Instant::now() > deadline {
+            return (
+                0,
+                Err(format!(
+                    "members did not converge within {SETTLE_TIMEOUT:?}: {last}"
+                )),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// After the heal every watcher must have delivered every revision up to the final one
+/// (every revision of the run is a write to the watched key set).
+fn watchers_caught_up(history: &History, watchers: usize, final_revision: i64) -> Result<(), String> {
+    for w in 0..watchers {
+        let records: Vec<_> = history.watches.iter().filter(|r| r.watcher == w).collect();
+        let delivered = records
+            .iter()
+            .flat_map(|r| r.responses.iter())
+            .flat_map(|(_, events)| events.iter())
+            .map(|e| e.revision)
+            .max()
+            .unwrap_or(0);
+        let first = records.first().map_or(0, |r| r.first_revision());
+        let canceled = records
+            .iter()
+            .any(|r| matches!(r.end, crate::history::WatchEnd::Canceled { .. }));
+        if !canceled && final_revision >= first.max(2) && delivered < final_revision {
+            return Err(format!(
+                "watcher {w} delivered up to revision {delivered}, the cluster is at {final_revision}"
+            ));
+        }
+    }
+    Ok(())
+}
