@@ -8,6 +8,7 @@
 //! It must never read the wall clock or an unseeded random source: every run is replayable
 //! from its seed (`METASTORE_SIM_SEED=N` replays one seed of the seed-range tests).
 
+pub mod check;
 pub mod history;
 pub mod workload;
 
