@@ -538,7 +538,11 @@ fn check_prev_kv(
                 let Some((&at, (state, anchor))) = per_key.range(..e.revision).next_back() else {
                     continue;
                 };
-                if !covered(intervals, at.saturating_add(1), e.revision - 1) {
+                if !covered(
+                    intervals,
+                    at.saturating_add(1),
+                    e.revision.saturating_sub(1),
+                ) {
                     continue;
                 }
                 let expected = state.as_ref().map(|(value, m)| Versioned {
@@ -585,4 +589,252 @@ fn check_prev_kv(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::history::WatchEnd;
+
+    fn ev(
+        key: &str,
+        revision: i64,
+        value: Option<&str>,
+        prev: Option<(&str, i64)>,
+    ) -> WatchedEvent {
+        WatchedEvent {
+            key: key.into(),
+            deleted: value.is_none(),
+            revision,
+            value: value.unwrap_or("").into(),
+            prev: prev.map(|(v, m)| Versioned {
+                value: v.into(),
+                mod_revision: m,
+            }),
+        }
+    }
+
+    fn stream(
+        watcher: usize,
+        key: &str,
+        start: i64,
+        prev_kv: bool,
+        responses: Vec<Vec<WatchedEvent>>,
+    ) -> WatchRecord {
+        WatchRecord {
+            watcher,
+            member: 0,
+            key: key.into(),
+            range_end: if key.is_empty() { vec![0] } else { Vec::new() },
+            start_revision: start,
+            created_revision: 0,
+            prev_kv,
+            responses: responses
+                .into_iter()
+                .map(|events| (events.iter().map(|e| e.revision).max().unwrap_or(0), events))
+                .collect(),
+            end: WatchEnd::Stopped,
+            started_ns: 0,
+            ended_ns: 100,
+        }
+    }
+
+    fn put(key: &str, value: &str, revision: i64) -> KvRecord {
+        KvRecord {
+            client: 0,
+            op: KvOp::Put {
+                key: key.into(),
+                value: value.into(),
+            },
+            invoked_ns: revision as u64 * 10,
+            completed_ns: Some(revision as u64 * 10 + 5),
+            outcome: Some(KvOutcome::Put { revision }),
+        }
+    }
+
+    /// Revisions 1..=4: put a=x, put b=y, put a=z, delete a.
+    fn good() -> History {
+        History {
+            kv: vec![put("a", "x", 1), put("b", "y", 2), put("a", "z", 3)],
+            watches: vec![
+                // Everything, with prev_kv, one revision per response.
+                stream(
+                    0,
+                    "",
+                    1,
+                    true,
+                    vec![
+                        vec![ev("a", 1, Some("x"), None)],
+                        vec![ev("b", 2, Some("y"), None)],
+                        vec![ev("a", 3, Some("z"), Some(("x", 1)))],
+                        vec![ev("a", 4, None, Some(("z", 3)))],
+                    ],
+                ),
+                // Key a only, batched, broken then resumed.
+                stream(
+                    1,
+                    "a",
+                    1,
+                    false,
+                    vec![vec![
+                        ev("a", 1, Some("x"), None),
+                        ev("a", 3, Some("z"), None),
+                    ]],
+                ),
+                stream(
+                    1,
+                    "a",
+                    4,
+                    true,
+                    vec![vec![ev("a", 4, None, Some(("z", 3)))]],
+                ),
+                // Key b from its creation, never saw anything else.
+                stream(2, "b", 2, true, vec![vec![ev("b", 2, Some("y"), None)]]),
+            ],
+        }
+    }
+
+    fn rejects(h: &History, needle: &str) -> Violation {
+        let v = check_watches(h).expect_err("a violation");
+        let shown = v.to_string();
+        assert!(shown.contains(needle), "expected {needle:?} in:\n{shown}");
+        v
+    }
+
+    #[test]
+    fn accepts_consistent_streams() {
+        let h = good();
+        if let Err(v) = check_watches(&h) {
+            panic!("{v}");
+        }
+        assert!(check_watches(&History::default()).is_ok());
+    }
+
+    #[test]
+    fn accepts_a_multi_key_revision_in_one_response() {
+        let mut h = good();
+        h.watches.push(stream(
+            3,
+            "",
+            5,
+            false,
+            vec![vec![
+                ev("c", 5, Some("1"), None),
+                ev("d", 5, Some("2"), None),
+            ]],
+        ));
+        assert!(check_watches(&h).is_ok());
+    }
+
+    #[test]
+    fn rejects_a_duplicate_event() {
+        let mut h = good();
+        h.watches[1]
+            .responses
+            .push((3, vec![ev("a", 3, Some("z"), None)]));
+        rejects(&h, "duplicate event");
+    }
+
+    #[test]
+    fn rejects_a_gap() {
+        let mut h = good();
+        h.watches[1].responses[0].1.remove(0); // drops revision 1
+        rejects(&h, "missed the write of key a at revision 1");
+        // Known only from the KV history.
+        let mut h = good();
+        h.kv.push(put("b", "w", 5));
+        h.watches[0]
+            .responses
+            .push((6, vec![ev("a", 6, Some("q"), Some(("", 0)))]));
+        rejects(&h, "revision 5");
+    }
+
+    #[test]
+    fn rejects_events_out_of_order() {
+        let mut h = good();
+        h.watches[0].responses.swap(0, 1);
+        rejects(&h, "out of order");
+        let mut h = good();
+        h.watches[1].responses[0].1.swap(0, 1);
+        rejects(&h, "out of order within a response");
+    }
+
+    #[test]
+    fn rejects_a_revision_split_across_responses() {
+        let mut h = good();
+        h.watches.push(stream(
+            3,
+            "",
+            5,
+            false,
+            vec![
+                vec![ev("c", 5, Some("1"), None)],
+                vec![ev("d", 5, Some("2"), None)],
+            ],
+        ));
+        rejects(&h, "split across two responses");
+    }
+
+    #[test]
+    fn rejects_an_event_disagreeing_with_an_acknowledged_put() {
+        let mut h = good();
+        h.kv[2] = put("a", "other", 3);
+        rejects(&h, "acknowledged write");
+    }
+
+    #[test]
+    fn rejects_a_wrong_prev_kv() {
+        let mut h = good();
+        h.watches[0].responses[2].1[0].prev = Some(Versioned {
+            value: "y".into(),
+            mod_revision: 2,
+        });
+        rejects(&h, "wrong prev_kv");
+        // An unknown history before the event: nothing to say.
+        let mut h = good();
+        h.kv.clear();
+        h.watches = vec![stream(
+            0,
+            "a",
+            3,
+            true,
+            vec![vec![ev("a", 3, Some("z"), Some(("anything", 2)))]],
+        )];
+        assert!(check_watches(&h).is_ok());
+    }
+
+    #[test]
+    fn rejects_two_watchers_disagreeing() {
+        let mut h = good();
+        h.watches[1].responses[0].1[1].value = "zz".into();
+        h.kv.clear(); // the disagreement alone must be found
+        rejects(&h, "two streams disagree");
+    }
+
+    #[test]
+    fn odd_streams_do_not_panic() {
+        let mut h = good();
+        h.watches.push(WatchRecord {
+            end: WatchEnd::Canceled {
+                compact_revision: 3,
+            },
+            ..stream(
+                4,
+                "a",
+                -5,
+                true,
+                vec![
+                    vec![],
+                    vec![ev("a", i64::MIN, None, None)],
+                    vec![ev("a", i64::MAX, Some(""), None)],
+                ],
+            )
+        });
+        let _ = check_watches(&h);
+        h.watches.push(WatchRecord {
+            range_end: vec![1],
+            ..stream(5, "\u{ff}", i64::MAX, true, vec![])
+        });
+        let _ = check_watches(&h);
+    }
 }
