@@ -4,7 +4,8 @@
 //! state machine: a seed fully determines a sequence of replicated requests, and applying
 //! it must give byte-identical state however often, on whichever engine, and across a
 //! reopen of the engine. It also owns the history checkers (`check`) that judge what
-//! simulated clients observed against etcd's guarantees. The madsim cluster harness (issue 7) builds on the same workload.
+//! simulated clients observed against etcd's guarantees. The madsim cluster harness
+//! (issue 7) builds on the same workload.
 //!
 //! It must never read the wall clock or an unseeded random source: every run is replayable
 //! from its seed (`METASTORE_SIM_SEED=N` replays one seed of the seed-range tests).
