@@ -3,11 +3,14 @@
 //! Today this crate owns the seeded workload generator and the determinism checks of the
 //! state machine: a seed fully determines a sequence of replicated requests, and applying
 //! it must give byte-identical state however often, on whichever engine, and across a
-//! reopen of the engine. The madsim cluster harness (issue 7) builds on the same workload.
+//! reopen of the engine. It also owns the history checkers (`check`) that judge what
+//! simulated clients observed against etcd's guarantees. The madsim cluster harness
+//! (issue 7) builds on the same workload.
 //!
 //! It must never read the wall clock or an unseeded random source: every run is replayable
 //! from its seed (`METASTORE_SIM_SEED=N` replays one seed of the seed-range tests).
 
+pub mod check;
 #[cfg(madsim)]
 pub mod clients;
 #[cfg(madsim)]
