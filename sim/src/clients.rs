@@ -11,11 +11,11 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use madsim::rand::Rng;
 use metastore_proto::etcdserverpb as pb;
 use metastore_proto::mvccpb;
 use pb::kv_client::KvClient;
 use pb::watch_client::WatchClient;
-use rand::Rng;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tonic::transport::Channel;
@@ -63,8 +63,13 @@ impl Recorder {
         self.lock().watches.push(record);
     }
 
+    /// The records so far, in a canonical order (records of different clients that end
+    /// at the same simulated instant have no order of their own).
     pub fn history(&self) -> History {
-        self.lock().clone()
+        let mut history = self.lock().clone();
+        history.kv.sort_by_key(|r| (r.invoked_ns, r.client));
+        history.watches.sort_by_key(|r| (r.watcher, r.started_ns));
+        history
     }
 }
 
@@ -101,7 +106,7 @@ pub async fn kv_client(
     // What this client last saw of each key's mod_revision, for plausible CAS guesses.
     let mut seen = vec![0i64; keys];
     while !*stop.borrow() {
-        let pause = Duration::from_millis(rand::thread_rng().gen_range(0..40));
+        let pause = Duration::from_millis(madsim::rand::thread_rng().gen_range(0..40));
         tokio::time::sleep(pause).await;
         let kv = match channel.as_mut() {
             Some(kv) => kv,
@@ -113,20 +118,17 @@ pub async fn kv_client(
                 }
             },
         };
-        let k = rand::thread_rng().gen_range(0..keys);
+        let k = madsim::rand::thread_rng().gen_range(0..keys);
         counter += 1;
         let value = format!("c{client}-{counter}").into_bytes();
-        let op = match rand::thread_rng().gen_range(0..100) {
-            0..=34 => KvOp::Put {
-                key: key(k),
-                value,
-            },
+        let op = match madsim::rand::thread_rng().gen_range(0..100) {
+            0..=34 => KvOp::Put { key: key(k), value },
             35..=64 => KvOp::Get { key: key(k) },
             65..=74 => KvOp::Delete { key: key(k) },
             _ => KvOp::Cas {
                 key: key(k),
                 // Mostly what this client saw last (often still current), sometimes 0.
-                expected_mod_revision: if rand::thread_rng().gen_bool(0.8) {
+                expected_mod_revision: if madsim::rand::thread_rng().gen_bool(0.8) {
                     seen[k]
                 } else {
                     0

@@ -11,12 +11,12 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use madsim::rand::Rng;
 use madsim::runtime::{Handle, NodeHandle};
 use metastore_proto::etcdserverpb as pb;
 use metastore_runtime::config::{Config, Flags};
 use metastore_runtime::storage::Engine;
 use pb::maintenance_client::MaintenanceClient;
-use rand::Rng;
 use tonic::transport::Channel;
 
 use crate::disk::SimDisk;
@@ -156,12 +156,14 @@ impl SimCluster {
         let member = &mut self.members[i];
         self.handle.kill(member.node.id());
         let pending = member.disk.unsynced_batches();
-        let keep = rand::thread_rng().gen_range(0..=pending);
+        let keep = madsim::rand::thread_rng().gen_range(0..=pending);
         let lost = member.disk.crash(keep);
         member.down = true;
         member.paused = false;
-        self.log
-            .record(format!("crash {} (lost {lost} of {pending} unsynced batches)", member.name));
+        self.log.record(format!(
+            "crash {} (lost {lost} of {pending} unsynced batches)",
+            member.name
+        ));
     }
 
     /// Starts a crashed member again on what its disk kept.
@@ -239,10 +241,17 @@ impl SimCluster {
         None
     }
 
-    /// Asks the current leader to hand leadership to member `to` (etcd's move-leader).
+    /// Asks the current leader to hand leadership to member `to` (etcd's move-leader),
+    /// or to the member after it when `to` already leads.
     pub async fn move_leader(&self, to: usize) -> bool {
         let Some(from) = self.leader().await else {
+            self.log.record("move leader: no leader".into());
             return false;
+        };
+        let to = if to == from {
+            (to + 1) % self.size()
+        } else {
+            to
         };
         let Some(target) = self
             .status(to)

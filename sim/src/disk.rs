@@ -7,7 +7,7 @@
 //! earlier one and never part of a batch. It must never decide by itself how much to
 //! lose: the harness passes the choice in, drawn from the seed.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use metastore_core::backend::ScanVisitor;
 use metastore_core::{Backend, BackendError, MemoryBackend, WriteBatch};
@@ -23,8 +23,10 @@ pub struct SimDisk {
 struct Inner {
     /// What survives a crash.
     durable: MemoryBackend,
-    /// What readers see: `durable` plus every batch in `unsynced`.
-    visible: MemoryBackend,
+    /// What readers see: `durable` plus every batch in `unsynced`. Readers clone the
+    /// `Arc` and let go of the disk's lock before reading, because a scan's visitor may
+    /// read the disk again (MVCC history loads values while scanning the index).
+    visible: Arc<MemoryBackend>,
     /// Batches written since the last sync, oldest first.
     unsynced: Vec<WriteBatch>,
     stats: DiskStats,
@@ -60,7 +62,7 @@ impl SimDisk {
         for batch in unsynced.into_iter().take(keep) {
             apply(&inner.durable, batch);
         }
-        inner.visible = inner.durable.duplicate();
+        inner.visible = Arc::new(inner.durable.duplicate());
         inner.stats.crashes += 1;
         inner.stats.lost_batches += lost as u64;
         lost
@@ -89,7 +91,8 @@ impl Backend for SimDisk {
         bucket: metastore_core::Bucket,
         key: &[u8],
     ) -> Result<Option<Vec<u8>>, BackendError> {
-        self.lock().visible.get(bucket, key)
+        let visible = self.lock().visible.clone();
+        visible.get(bucket, key)
     }
 
     fn scan(
@@ -99,7 +102,8 @@ impl Backend for SimDisk {
         end: Option<&[u8]>,
         visit: &mut ScanVisitor<'_>,
     ) -> Result<(), BackendError> {
-        self.lock().visible.scan(bucket, start, end, visit)
+        let visible = self.lock().visible.clone();
+        visible.scan(bucket, start, end, visit)
     }
 
     fn write(&self, batch: WriteBatch) -> Result<(), BackendError> {
@@ -120,7 +124,8 @@ impl Backend for SimDisk {
     }
 
     fn size_bytes(&self) -> u64 {
-        self.lock().visible.size_bytes()
+        let visible = self.lock().visible.clone();
+        visible.size_bytes()
     }
 
     fn engine_name(&self) -> &'static str {
@@ -153,7 +158,10 @@ mod tests {
         put(&disk, "c", false);
         put(&disk, "d", false);
         put(&disk, "e", false);
-        assert!(has(&disk, "e"), "unsynced writes are visible before a crash");
+        assert!(
+            has(&disk, "e"),
+            "unsynced writes are visible before a crash"
+        );
         assert_eq!(disk.crash(1), 2);
         assert!(has(&disk, "a") && has(&disk, "b") && has(&disk, "c"));
         assert!(!has(&disk, "d") && !has(&disk, "e"));
@@ -161,6 +169,20 @@ mod tests {
         // A second crash with nothing pending loses nothing.
         assert_eq!(disk.crash(0), 0);
         assert!(has(&disk, "c"));
+    }
+
+    #[test]
+    fn a_scan_visitor_may_read_the_disk() {
+        let disk = SimDisk::new();
+        put(&disk, "a", false);
+        put(&disk, "b", true);
+        let mut seen = 0;
+        disk.scan(Bucket::Key, b"", None, &mut |k, _| {
+            seen += usize::from(disk.get(Bucket::Key, k).unwrap().is_some());
+            true
+        })
+        .unwrap();
+        assert_eq!(seen, 2);
     }
 
     #[test]

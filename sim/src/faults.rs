@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use madsim::net::NetSim;
-use rand::seq::SliceRandom;
-use rand::Rng;
+use madsim::rand::seq::SliceRandom;
+use madsim::rand::Rng;
 
 use crate::cluster::SimCluster;
 
@@ -114,16 +114,16 @@ pub async fn run_schedule(cluster: &mut SimCluster, plan: &FaultPlan, run_for: D
         return;
     }
     loop {
-        let gap = rand::thread_rng().gen_range(plan.gap.clone());
+        let gap = madsim::rand::thread_rng().gen_range(plan.gap.clone());
         tokio::time::sleep(gap).await;
         if tokio::time::Instant::now() >= end {
             break;
         }
         let kind = *plan
             .kinds
-            .choose(&mut rand::thread_rng())
+            .choose(&mut madsim::rand::thread_rng())
             .expect("kinds is not empty");
-        let hold = rand::thread_rng().gen_range(plan.hold.clone());
+        let hold = madsim::rand::thread_rng().gen_range(plan.hold.clone());
         let hold = hold.min(end.saturating_duration_since(tokio::time::Instant::now()));
         inject(cluster, kind, hold).await;
     }
@@ -132,7 +132,7 @@ pub async fn run_schedule(cluster: &mut SimCluster, plan: &FaultPlan, run_for: D
 
 async fn inject(cluster: &mut SimCluster, kind: FaultKind, hold: Duration) {
     let n = cluster.size();
-    let mut rng = rand::thread_rng();
+    let mut rng = madsim::rand::thread_rng();
     let victim = rng.gen_range(0..n);
     let other = (victim + rng.gen_range(1..n.max(2))) % n;
     drop(rng);
@@ -188,7 +188,7 @@ async fn inject(cluster: &mut SimCluster, kind: FaultKind, hold: Duration) {
             cluster.move_leader(victim).await;
         }
         FaultKind::PacketLoss => {
-            let rate = rand::thread_rng().gen_range(0.05..0.4);
+            let rate = madsim::rand::thread_rng().gen_range(0.05..0.4);
             net.update_config(|c| c.packet_loss_rate = rate);
             log.record(format!("lose {:.0}% of packets for {hold:?}", rate * 100.0));
             tokio::time::sleep(hold).await;
@@ -196,7 +196,7 @@ async fn inject(cluster: &mut SimCluster, kind: FaultKind, hold: Duration) {
             log.record("packet loss off".into());
         }
         FaultKind::Latency => {
-            let max = Duration::from_millis(rand::thread_rng().gen_range(50..400));
+            let max = Duration::from_millis(madsim::rand::thread_rng().gen_range(50..400));
             net.update_config(|c| c.send_latency = Duration::from_millis(1)..max);
             log.record(format!("latency up to {max:?} for {hold:?}"));
             tokio::time::sleep(hold).await;

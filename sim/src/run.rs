@@ -61,7 +61,17 @@ impl RunReport {
     pub fn trace_hash(&self) -> u64 {
         // DefaultHasher::new() has fixed keys: the hash is stable within one build.
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        self.history.hash(&mut hasher);
+        self.history.kv.hash(&mut hasher);
+        for watch in &self.history.watches {
+            let mut watch = watch.clone();
+            // Streams the workload stops all end at one instant, and how many polls
+            // teardown takes can differ by one between two runs of a seed (madsim
+            // advances 50-100 ns per poll): that instant is not part of the trace.
+            if watch.end == crate::history::WatchEnd::Stopped {
+                watch.ended_ns = 0;
+            }
+            watch.hash(&mut hasher);
+        }
         for (at, what) in self.faults.entries() {
             at.hash(&mut hasher);
             what.hash(&mut hasher);
@@ -131,6 +141,7 @@ pub async fn run(config: RunConfig) -> RunReport {
     tokio::time::sleep(Duration::from_secs(4)).await;
 
     let (final_revision, mut convergence) = settle(&cluster).await;
+    log.record(format!("settled at revision {final_revision}"));
     if convergence.is_ok() {
         // Watchers need a moment to deliver the last revisions after the heal.
         tokio::time::sleep(Duration::from_secs(3)).await;
@@ -143,7 +154,6 @@ pub async fn run(config: RunConfig) -> RunReport {
     if convergence.is_ok() {
         convergence = watchers_caught_up(&history, config.watchers, final_revision);
     }
-    log.record(format!("end at revision {final_revision}"));
     RunReport {
         history,
         faults: log,
@@ -189,7 +199,11 @@ async fn settle(cluster: &SimCluster) -> (i64, Result<(), String>) {
 
 /// After the heal every watcher must have delivered every revision up to the final one
 /// (every revision of the run is a write to the watched key set).
-fn watchers_caught_up(history: &History, watchers: usize, final_revision: i64) -> Result<(), String> {
+fn watchers_caught_up(
+    history: &History,
+    watchers: usize,
+    final_revision: i64,
+) -> Result<(), String> {
     for w in 0..watchers {
         let records: Vec<_> = history.watches.iter().filter(|r| r.watcher == w).collect();
         let delivered = records
@@ -210,4 +224,79 @@ fn watchers_caught_up(history: &History, watchers: usize, final_revision: i64) -
         }
     }
     Ok(())
+}
+
+/// How many states the linearizability search may explore per key before it gives up
+/// (and the run fails as inconclusive: an undecided history is not a pass).
+pub const SEARCH_BUDGET: usize = 2_000_000;
+
+/// What a run that passed every check covered.
+#[derive(Debug, Clone, Copy)]
+pub struct Verdict {
+    pub operations: usize,
+    pub indeterminate: usize,
+    pub watch_streams: usize,
+    pub watch_events: usize,
+    pub final_revision: i64,
+    pub faults: usize,
+    pub simulated: Duration,
+}
+
+impl RunReport {
+    /// Runs every checker over the run. On failure the text holds the failed check's
+    /// excerpt of the history and the fault log, enough to understand the seed before
+    /// replaying it.
+    pub fn verdict(&self) -> Result<Verdict, String> {
+        use crate::check::{
+            check_linearizable, check_revision_order, check_watches, LinearizabilityResult,
+        };
+        let fail = |what: String| {
+            Err(format!(
+                "{what}\n\nfault log:\n{}\nrun: {} operations, {} watch streams, final revision {}",
+                self.faults,
+                self.history.kv.len(),
+                self.history.watches.len(),
+                self.final_revision
+            ))
+        };
+        match check_linearizable(&self.history.kv, SEARCH_BUDGET) {
+            LinearizabilityResult::Ok => {}
+            LinearizabilityResult::Violation(v) => return fail(format!("{v}")),
+            LinearizabilityResult::Inconclusive { key, explored } => {
+                return fail(format!(
+                    "linearizability of key {} undecided after {explored} states",
+                    String::from_utf8_lossy(&key)
+                ))
+            }
+        }
+        if let Err(v) = check_revision_order(&self.history.kv) {
+            return fail(format!("{v}"));
+        }
+        if let Err(v) = check_watches(&self.history) {
+            return fail(format!("{v}"));
+        }
+        if let Err(why) = &self.convergence {
+            return fail(format!("convergence: {why}"));
+        }
+        Ok(Verdict {
+            operations: self.history.kv.len(),
+            indeterminate: self
+                .history
+                .kv
+                .iter()
+                .filter(|r| r.outcome.is_none())
+                .count(),
+            watch_streams: self.history.watches.len(),
+            watch_events: self
+                .history
+                .watches
+                .iter()
+                .flat_map(|w| w.responses.iter())
+                .map(|(_, events)| events.len())
+                .sum(),
+            final_revision: self.final_revision,
+            faults: self.faults.entries().len(),
+            simulated: self.elapsed,
+        })
+    }
 }

@@ -232,6 +232,8 @@ impl RaftNode {
             transfer: None,
             attributes: config.attributes.clone(),
             attributes_proposed_at: None,
+            #[cfg(madsim)]
+            election_salt: tokio::madsim::rand::random(),
         };
         driver.refresh_peers()?;
         tokio::spawn(run(driver, rx, config.heartbeat));
@@ -396,6 +398,9 @@ struct Driver {
     /// This member's name and client URLs, and when they were last proposed.
     attributes: pb::Member,
     attributes_proposed_at: Option<u64>,
+    /// Simulation only: this member's share of the seed for election timeouts.
+    #[cfg(madsim)]
+    election_salt: u64,
 }
 
 async fn run(mut driver: Driver, mut inbox: mpsc::Receiver<Input>, heartbeat: Duration) {
@@ -469,8 +474,33 @@ async fn run(mut driver: Driver, mut inbox: mpsc::Receiver<Input>, heartbeat: Du
 }
 
 impl Driver {
+    /// raft-rs draws each randomized election timeout from `rand::thread_rng()`, which
+    /// seeds itself with a raw `getrandom` syscall that madsim cannot intercept, so under
+    /// simulation elections would not replay from the seed. Before every tick the
+    /// timeout is replaced by one derived from the seed, the term, the role and the
+    /// current election period: still spread over raft's range, different per member
+    /// and per term, and the same on every replay.
+    #[cfg(madsim)]
+    fn pin_election_timeout(&mut self) {
+        let raft = &mut self.node.raft;
+        let min = raft.election_timeout();
+        let span = min as u64; // raft-rs draws from [min, 2 * min)
+        let role = raft.state as u64;
+        let mut x = self.election_salt
+            ^ raft.term.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ role.wrapping_mul(0xBF58_476D_1CE4_E5B9)
+            ^ (self.ticks / self.election_ticks.max(1)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        // splitmix64's finaliser: spreads every input bit over the result.
+        x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        x ^= x >> 31;
+        raft.set_randomized_election_timeout(min + (x % span.max(1)) as usize);
+    }
+
     fn tick(&mut self) {
         self.ticks += 1;
+        #[cfg(madsim)]
+        self.pin_election_timeout();
         self.node.tick();
         let leader = self.node.raft.leader_id;
         if leader != 0 && !self.stalled.is_empty() {
