@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
-use crate::cluster::{client_url, connect};
+use crate::cluster::{connect, Endpoints};
 use crate::history::{
     History, KvOp, KvOutcome, KvRecord, Versioned, WatchEnd, WatchRecord, WatchedEvent,
 };
@@ -81,7 +81,7 @@ impl Default for Recorder {
 
 /// The node a client runs on.
 pub fn client_ip(index: usize) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(10, 0, 2, index as u8 + 1))
+    IpAddr::V4(Ipv4Addr::new(10, 0, 250, index as u8 + 1))
 }
 
 pub fn key(i: usize) -> Vec<u8> {
@@ -95,11 +95,12 @@ pub fn key(i: usize) -> Vec<u8> {
 /// clients fail over between endpoints.
 pub async fn kv_client(
     client: usize,
-    members: usize,
+    endpoints: Endpoints,
     keys: usize,
     recorder: Recorder,
     stop: watch::Receiver<bool>,
 ) {
+    let members = endpoints.len();
     let mut member = client % members;
     let mut channel: Option<KvClient<Channel>> = None;
     let mut counter = 0u64;
@@ -110,7 +111,7 @@ pub async fn kv_client(
         tokio::time::sleep(pause).await;
         let kv = match channel.as_mut() {
             Some(kv) => kv,
-            None => match connect(&client_url(member)).await {
+            None => match connect(&endpoints.url(member)).await {
                 Some(c) => channel.insert(KvClient::new(c)),
                 None => {
                     member = (member + 1) % members;
@@ -284,11 +285,12 @@ async fn execute(kv: &mut KvClient<Channel>, op: &KvOp) -> Result<KvOutcome, ton
 /// Stops when `stop` turns true.
 pub async fn watcher(
     watcher: usize,
-    members: usize,
+    endpoints: Endpoints,
     start_revision: i64,
     recorder: Recorder,
     mut stop: watch::Receiver<bool>,
 ) {
+    let members = endpoints.len();
     let mut member = watcher % members;
     let mut next = start_revision;
     while !*stop.borrow() {
@@ -305,7 +307,7 @@ pub async fn watcher(
             started_ns: recorder.now_ns(),
             ended_ns: 0,
         };
-        let Some(channel) = connect(&client_url(member)).await else {
+        let Some(channel) = connect(&endpoints.url(member)).await else {
             member = (member + 1) % members;
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;

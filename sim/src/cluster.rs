@@ -7,7 +7,7 @@
 //! never reach into a member's state: everything it learns about a member (leader,
 //! revision, hash) it asks over the member's gRPC API, as an operator would.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,60 +28,99 @@ pub const PEER_PORT: u16 = 2380;
 /// How long one control RPC (status, hash, move-leader) may take.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// One member: its node, its disk, and whether the harness has it down.
+/// One slot of the cluster: the member currently in it (its node, its disk), and what
+/// the harness has done to it. Removing a member and adding a new one puts the new
+/// member, with new addresses and an empty disk, in the same slot.
 pub struct SimMember {
     pub name: String,
     pub ip: IpAddr,
     pub node: NodeHandle,
     pub disk: Arc<SimDisk>,
+    /// How many members this slot has had before the current one.
+    pub incarnation: u8,
     pub down: bool,
     pub paused: bool,
+    /// Removed from the cluster and not replaced yet.
+    pub removed: bool,
+}
+
+/// The client URL of every slot's current member, shared with the clients so that they
+/// follow a slot to its new member.
+#[derive(Clone, Default)]
+pub struct Endpoints(Arc<std::sync::RwLock<Vec<String>>>);
+
+impl Endpoints {
+    pub fn len(&self) -> usize {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn url(&self, slot: usize) -> String {
+        self.0.read().unwrap_or_else(|p| p.into_inner())[slot].clone()
+    }
+
+    fn set(&self, slot: usize, url: String) {
+        let mut urls = self.0.write().unwrap_or_else(|p| p.into_inner());
+        if urls.len() <= slot {
+            urls.resize(slot + 1, String::new());
+        }
+        urls[slot] = url;
+    }
 }
 
 /// A running cluster of `n` members.
 pub struct SimCluster {
     pub members: Vec<SimMember>,
+    endpoints: Endpoints,
     handle: Handle,
     /// Issues the harness's own RPCs (it needs an IP to connect from).
     control: NodeHandle,
     log: FaultLog,
 }
 
-/// The member's IP: members live in 10.0.1.0/24, clients in 10.0.2.0/24.
-pub fn member_ip(index: usize) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(10, 0, 1, index as u8 + 1))
+/// A member's IP: slot `s`, incarnation `n` is 10.0.(1+n).(s+1). Clients live in
+/// 10.0.250.0/24 and the control node is 10.0.251.1.
+pub fn member_ip(slot: usize, incarnation: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(10, 0, 1 + incarnation, slot as u8 + 1))
 }
 
-pub fn client_url(index: usize) -> String {
-    format!("http://{}:{CLIENT_PORT}", member_ip(index))
+fn client_url_of(ip: IpAddr) -> String {
+    format!("http://{ip}:{CLIENT_PORT}")
 }
 
-fn peer_url(index: usize) -> String {
-    format!("http://{}:{PEER_PORT}", member_ip(index))
+fn peer_url_of(ip: IpAddr) -> String {
+    format!("http://{ip}:{PEER_PORT}")
 }
 
-fn member_config(index: usize, size: usize) -> Config {
-    let name = format!("m{index}");
-    let cluster = (0..size)
-        .map(|i| format!("m{i}={}", peer_url(i)))
+/// The flags of a member: `peers` are (name, peer URL) of every member of the cluster it
+/// starts in or joins, itself included.
+fn member_config(name: &str, ip: IpAddr, peers: &[(String, String)], existing: bool) -> Config {
+    let cluster = peers
+        .iter()
+        .map(|(name, url)| format!("{name}={url}"))
         .collect::<Vec<_>>()
         .join(",");
     let flags = <Flags as clap::Parser>::parse_from([
         "metastore".to_string(),
         "--name".into(),
-        name,
+        name.to_string(),
         "--engine".into(),
         "memory".into(),
         "--listen-client-urls".into(),
-        client_url(index),
+        client_url_of(ip),
         "--advertise-client-urls".into(),
-        client_url(index),
+        client_url_of(ip),
         "--listen-peer-urls".into(),
-        peer_url(index),
+        peer_url_of(ip),
         "--initial-advertise-peer-urls".into(),
-        peer_url(index),
+        peer_url_of(ip),
         "--initial-cluster".into(),
         cluster,
+        "--initial-cluster-state".into(),
+        if existing { "existing" } else { "new" }.into(),
         "--initial-cluster-token".into(),
         "sim".into(),
         // Snapshots happen within a run, so lagging members get them.
@@ -95,38 +134,25 @@ impl SimCluster {
     /// Starts `size` members and waits until one of them leads.
     pub async fn start(size: usize, log: FaultLog) -> Self {
         let handle = Handle::current();
+        let peers: Vec<(String, String)> = (0..size)
+            .map(|slot| (format!("m{slot}"), peer_url_of(member_ip(slot, 0))))
+            .collect();
+        let endpoints = Endpoints::default();
         let members = (0..size)
-            .map(|index| {
-                let disk = Arc::new(SimDisk::new());
-                let ip = member_ip(index);
-                let name = format!("m{index}");
-                let node = handle
-                    .create_node()
-                    .name(&name)
-                    .ip(ip)
-                    .init({
-                        let disk = disk.clone();
-                        let name = name.clone();
-                        move || run_member(name.clone(), member_config(index, size), disk.clone())
-                    })
-                    .build();
-                SimMember {
-                    name,
-                    ip,
-                    node,
-                    disk,
-                    down: false,
-                    paused: false,
-                }
+            .map(|slot| {
+                let member = launch(&handle, slot, 0, &peers, false);
+                endpoints.set(slot, client_url_of(member.ip));
+                member
             })
             .collect();
         let control = handle
             .create_node()
             .name("control")
-            .ip(IpAddr::V4(Ipv4Addr::new(10, 0, 3, 1)))
+            .ip(IpAddr::V4(Ipv4Addr::new(10, 0, 251, 1)))
             .build();
         let cluster = SimCluster {
             members,
+            endpoints,
             handle,
             control,
             log,
@@ -144,6 +170,118 @@ impl SimCluster {
 
     pub fn size(&self) -> usize {
         self.members.len()
+    }
+
+    /// The slots' client URLs, kept current across membership changes.
+    pub fn endpoints(&self) -> Endpoints {
+        self.endpoints.clone()
+    }
+
+    fn url(&self, slot: usize) -> String {
+        self.endpoints.url(slot)
+    }
+
+    /// Removes slot `slot`'s member from the cluster (MemberRemove through the leader)
+    /// and stops its node. Returns whether the cluster accepted the removal.
+    pub async fn remove_member(&mut self, slot: usize) -> bool {
+        let Some(id) = self.status(slot).await.and_then(|s| s.header.map(|h| h.member_id)) else {
+            self.log.record(format!("remove m{slot}: it does not answer"));
+            return false;
+        };
+        let Some(leader) = self.leader().await else {
+            self.log.record(format!("remove m{slot}: no leader"));
+            return false;
+        };
+        let url = self.url(leader);
+        let result = self
+            .control(move || async move {
+                let mut client = pb::cluster_client::ClusterClient::new(connect(&url).await?);
+                Some(client.member_remove(pb::MemberRemoveRequest { id }).await.map(|_| ()))
+            })
+            .await;
+        match result {
+            Some(Ok(())) => {
+                let member = &mut self.members[slot];
+                self.handle.kill(member.node.id());
+                member.removed = true;
+                member.down = false;
+                member.paused = false;
+                self.log.record(format!("removed {} ({id:x}) from the cluster", member.name));
+                true
+            }
+            Some(Err(status)) => {
+                self.log.record(format!("remove m{slot} refused: {}", status.message()));
+                false
+            }
+            None => {
+                self.log.record(format!("remove m{slot}: no answer"));
+                false
+            }
+        }
+    }
+
+    /// Adds a new member to the removed slot `slot` (MemberAdd through the leader, with
+    /// new addresses) and starts it on an empty disk, joining the existing cluster.
+    pub async fn add_member(&mut self, slot: usize) -> bool {
+        let incarnation = self.members[slot].incarnation + 1;
+        let ip = member_ip(slot, incarnation);
+        let Some(leader) = self.leader().await else {
+            self.log.record(format!("add m{slot}: no leader"));
+            return false;
+        };
+        let url = self.url(leader);
+        let peer = peer_url_of(ip);
+        let result = self
+            .control(move || async move {
+                let mut client = pb::cluster_client::ClusterClient::new(connect(&url).await?);
+                Some(
+                    client
+                        .member_add(pb::MemberAddRequest {
+                            peer_ur_ls: vec![peer],
+                            is_learner: false,
+                        })
+                        .await
+                        .map(|r| r.into_inner()),
+                )
+            })
+            .await;
+        let response = match result {
+            Some(Ok(response)) => response,
+            Some(Err(status)) => {
+                self.log.record(format!("add m{slot} refused: {}", status.message()));
+                return false;
+            }
+            None => {
+                self.log.record(format!("add m{slot}: no answer"));
+                return false;
+            }
+        };
+        // The joiner's --initial-cluster names every member the cluster now has.
+        let peers: Vec<(String, String)> = response
+            .members
+            .iter()
+            .filter_map(|m| {
+                let url = m.peer_ur_ls.first()?.clone();
+                let name = if url == peer_url_of(ip) {
+                    format!("m{slot}")
+                } else {
+                    self.members
+                        .iter()
+                        .find(|s| peer_url_of(s.ip) == url)
+                        .map(|s| s.name.clone())?
+                };
+                Some((name, url))
+            })
+            .collect();
+        let member = launch(&self.handle, slot, incarnation, &peers, true);
+        self.endpoints.set(slot, client_url_of(member.ip));
+        let id = response.member.map(|m| m.id).unwrap_or_default();
+        self.log.record(format!(
+            "added m{slot} again as {id:x} at {} (incarnation {incarnation})",
+            member.ip
+        ));
+        self.members[slot] = member;
+        true
     }
 
     pub fn log(&self) -> &FaultLog {
@@ -213,7 +351,10 @@ impl SimCluster {
 
     /// Member `i`'s Status, if it answers.
     pub async fn status(&self, i: usize) -> Option<pb::StatusResponse> {
-        let url = client_url(i);
+        if self.members[i].removed {
+            return None;
+        }
+        let url = self.url(i);
         self.control(move || async move {
             let mut client = MaintenanceClient::new(connect(&url).await?);
             client
@@ -228,7 +369,7 @@ impl SimCluster {
     /// The index of the member every answering member agrees leads, if any.
     pub async fn leader(&self) -> Option<usize> {
         for i in 0..self.size() {
-            if self.members[i].down || self.members[i].paused {
+            if self.members[i].down || self.members[i].paused || self.members[i].removed {
                 continue;
             }
             if let Some(status) = self.status(i).await {
@@ -260,7 +401,7 @@ impl SimCluster {
         else {
             return false;
         };
-        let url = client_url(from);
+        let url = self.url(from);
         let moved = self
             .control(move || async move {
                 let mut client = MaintenanceClient::new(connect(&url).await?);
@@ -281,7 +422,7 @@ impl SimCluster {
 
     /// The member's current revision (a serializable read: no quorum needed).
     pub async fn revision(&self, i: usize) -> Option<i64> {
-        let url = client_url(i);
+        let url = self.url(i);
         self.control(move || async move {
             let mut client = pb::kv_client::KvClient::new(connect(&url).await?);
             let r = client
@@ -300,7 +441,7 @@ impl SimCluster {
 
     /// HashKV of member `i` at `revision`, as (hash, compact revision).
     pub async fn hash_kv(&self, i: usize, revision: i64) -> Option<(u32, i64)> {
-        let url = client_url(i);
+        let url = self.url(i);
         self.control(move || async move {
             let mut client = MaintenanceClient::new(connect(&url).await?);
             let r = client
@@ -314,7 +455,41 @@ impl SimCluster {
     }
 }
 
-/// One incarnation of a member: runs until the node is killed or the member fails.
+/// Creates the node of slot `slot`'s member (incarnation `incarnation`) on a new disk.
+fn launch(
+    handle: &Handle,
+    slot: usize,
+    incarnation: u8,
+    peers: &[(String, String)],
+    existing: bool,
+) -> SimMember {
+    let disk = Arc::new(SimDisk::new());
+    let ip = member_ip(slot, incarnation);
+    let name = format!("m{slot}");
+    let config = member_config(&name, ip, peers, existing);
+    let node = handle
+        .create_node()
+        .name(format!("{name}.{incarnation}"))
+        .ip(ip)
+        .init({
+            let disk = disk.clone();
+            let name = name.clone();
+            move || run_member(name.clone(), config.clone(), disk.clone())
+        })
+        .build();
+    SimMember {
+        name,
+        ip,
+        node,
+        disk,
+        incarnation,
+        down: false,
+        paused: false,
+        removed: false,
+    }
+}
+
+/// One run of a member's process: until the node is killed or the member fails.
 async fn run_member(name: String, config: Config, disk: Arc<SimDisk>) {
     let engine = Engine::Supplied(disk);
     match metastore_runtime::start_with_engine(config, Some(engine)).await {
@@ -334,9 +509,4 @@ pub async fn connect(url: &str) -> Option<Channel> {
         .await
         .ok()?
         .ok()
-}
-
-/// The socket address a member's clients use.
-pub fn client_addr(index: usize) -> SocketAddr {
-    SocketAddr::new(member_ip(index), CLIENT_PORT)
 }

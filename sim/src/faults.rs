@@ -71,10 +71,13 @@ pub enum FaultKind {
     PacketLoss,
     /// Slow every message down.
     Latency,
+    /// Remove a member from the cluster (MemberRemove), then add a new member with new
+    /// addresses and an empty disk in its place (MemberAdd, joining by snapshot).
+    ReplaceMember,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 8] = [
+    pub const ALL: [FaultKind; 9] = [
         FaultKind::Isolate,
         FaultKind::PartitionFromPeers,
         FaultKind::OneWay,
@@ -83,6 +86,7 @@ impl FaultKind {
         FaultKind::MoveLeader,
         FaultKind::PacketLoss,
         FaultKind::Latency,
+        FaultKind::ReplaceMember,
     ];
 }
 
@@ -127,7 +131,7 @@ pub async fn run_schedule(cluster: &mut SimCluster, plan: &FaultPlan, run_for: D
         let hold = hold.min(end.saturating_duration_since(tokio::time::Instant::now()));
         inject(cluster, kind, hold).await;
     }
-    heal_all(cluster);
+    heal_all(cluster).await;
 }
 
 async fn inject(cluster: &mut SimCluster, kind: FaultKind, hold: Duration) {
@@ -136,6 +140,11 @@ async fn inject(cluster: &mut SimCluster, kind: FaultKind, hold: Duration) {
     let victim = rng.gen_range(0..n);
     let other = (victim + rng.gen_range(1..n.max(2))) % n;
     drop(rng);
+    if cluster.members[victim].removed || cluster.members[other].removed {
+        // A slot whose replacement has not joined yet is left alone (restarting the
+        // removed member's node would bring a removed member back).
+        return;
+    }
     let net = NetSim::current();
     let log = cluster.log().clone();
     let name = |i: usize| format!("m{i}");
@@ -195,6 +204,12 @@ async fn inject(cluster: &mut SimCluster, kind: FaultKind, hold: Duration) {
             net.update_config(|c| c.packet_loss_rate = 0.0);
             log.record("packet loss off".into());
         }
+        FaultKind::ReplaceMember => {
+            if cluster.remove_member(victim).await {
+                tokio::time::sleep(hold).await;
+                replace(cluster, victim).await;
+            }
+        }
         FaultKind::Latency => {
             let max = Duration::from_millis(madsim::rand::thread_rng().gen_range(50..400));
             net.update_config(|c| c.send_latency = Duration::from_millis(1)..max);
@@ -210,8 +225,8 @@ async fn inject(cluster: &mut SimCluster, kind: FaultKind, hold: Duration) {
 const NORMAL_LATENCY: Range<Duration> = Duration::from_millis(1)..Duration::from_millis(10);
 
 /// Undoes every fault: network back to normal, paused members resumed, crashed ones
-/// restarted.
-pub fn heal_all(cluster: &mut SimCluster) {
+/// restarted, removed ones replaced (retrying while the cluster recovers).
+pub async fn heal_all(cluster: &mut SimCluster) {
     let net = NetSim::current();
     let n = cluster.size();
     for i in 0..n {
@@ -234,5 +249,19 @@ pub fn heal_all(cluster: &mut SimCluster) {
             cluster.restart(i);
         }
     }
+    for i in 0..n {
+        replace(cluster, i).await;
+    }
     cluster.log().record("heal all".into());
+}
+
+/// Fills a removed slot with a new member, retrying while the cluster elects a leader
+/// (removing the leader makes it step down) or refuses for lack of started members.
+async fn replace(cluster: &mut SimCluster, slot: usize) {
+    for _ in 0..30 {
+        if !cluster.members[slot].removed || cluster.add_member(slot).await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }

@@ -104,7 +104,7 @@ pub async fn run(config: RunConfig) -> RunReport {
             .build();
         tasks.push(node.spawn(kv_client(
             c,
-            config.members,
+            cluster.endpoints(),
             config.keys,
             recorder.clone(),
             kv_stop_rx.clone(),
@@ -125,7 +125,7 @@ pub async fn run(config: RunConfig) -> RunReport {
         };
         tasks.push(node.spawn(watcher(
             w,
-            config.members,
+            cluster.endpoints(),
             start,
             recorder.clone(),
             watch_stop_rx.clone(),

@@ -83,3 +83,24 @@ async fn partitions_keep_histories_linearizable() {
     .await;
     judge(&report);
 }
+
+/// Members removed and replaced by new members (new addresses, empty disks) that join
+/// by snapshot, among crashes and leader moves.
+#[madsim::test]
+async fn membership_changes_keep_histories_linearizable() {
+    init_logging();
+    let report = run(RunConfig {
+        faults: FaultPlan {
+            kinds: vec![
+                FaultKind::ReplaceMember,
+                FaultKind::ReplaceMember,
+                FaultKind::Crash,
+                FaultKind::MoveLeader,
+            ],
+            ..FaultPlan::default()
+        },
+        ..RunConfig::default()
+    })
+    .await;
+    judge(&report);
+}
