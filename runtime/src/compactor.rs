@@ -11,9 +11,9 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::signal as watch;
 use metastore_proto::etcdserverpb::CompactionRequest;
 use metastore_proto::metastore::internal_request::Request as Envelope;
-use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::api::Api;
@@ -135,9 +135,11 @@ pub async fn run(mode: AutoCompaction, api: Arc<Api>, mut stop: watch::Receiver<
     // Also covers a dropped sender: the server is gone.
     macro_rules! sleep_or_stop {
         ($d:expr) => {
+            // `biased`: replayable under simulation (see api::watch).
             tokio::select! {
-                _ = tokio::time::sleep($d) => {}
+                biased;
                 _ = stop.wait_for(|s| *s) => return,
+                _ = tokio::time::sleep($d) => {}
             }
         };
     }

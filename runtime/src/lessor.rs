@@ -20,7 +20,9 @@ use metastore_core::StateMachine;
 use metastore_proto::etcdserverpb as pb;
 use metastore_proto::metastore::internal_request::Request as Envelope;
 use metastore_proto::mvccpb;
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
+
+use crate::signal as watch;
 use tokio::time::Instant;
 
 use crate::api::Api;
@@ -532,10 +534,12 @@ pub async fn run(api: Arc<Api>, lessor: Arc<PrimaryLessor>, mut stop: watch::Rec
             let wait = Duration::from_secs_f64((1.0 - tokens) / rate).max(REVOKE_BATCH_WAIT);
             wake_at = now + wait;
         }
+        // `biased`: replayable under simulation (see api::watch).
         tokio::select! {
-            _ = tokio::time::sleep_until(wake_at) => {}
-            _ = woken => {}
+            biased;
             _ = stop.changed() => {}
+            _ = woken => {}
+            _ = tokio::time::sleep_until(wake_at) => {}
         }
     }
 }

@@ -20,6 +20,7 @@ pub mod raft;
 pub mod recv_limit;
 pub mod replication;
 pub mod server;
+pub mod signal;
 pub mod status;
 pub mod storage;
 pub mod watch;

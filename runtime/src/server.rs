@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use crate::signal as watch;
 use metastore_core::{StateMachine, StateMachineConfig};
 use metastore_proto::etcdserverpb::cluster_server::ClusterServer;
 use metastore_proto::etcdserverpb::kv_server::KvServer;
@@ -17,7 +18,6 @@ use metastore_proto::etcdserverpb::lease_server::LeaseServer;
 use metastore_proto::etcdserverpb::maintenance_server::MaintenanceServer;
 use metastore_proto::etcdserverpb::watch_server::WatchServer;
 use metastore_proto::metastore::peer_server::PeerServer;
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::api::{

@@ -91,7 +91,7 @@ pub struct StreamQueue {
     ready: futures::task::AtomicWaker,
     /// The queue shrank: the receiving half may read the next request.
     pub room: Notify,
-    closed: tokio::sync::watch::Sender<bool>,
+    closed: crate::signal::Sender<bool>,
 }
 
 impl StreamQueue {
@@ -352,7 +352,7 @@ impl WatchHub {
             queue: Mutex::new(Queue::default()),
             ready: futures::task::AtomicWaker::new(),
             room: Notify::new(),
-            closed: tokio::sync::watch::channel(false).0,
+            closed: crate::signal::channel(false).0,
         })
     }
 

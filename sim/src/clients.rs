@@ -14,9 +14,9 @@ use std::time::Duration;
 use madsim::rand::Rng;
 use metastore_proto::etcdserverpb as pb;
 use metastore_proto::mvccpb;
+use metastore_runtime::signal as watch;
 use pb::kv_client::KvClient;
 use pb::watch_client::WatchClient;
-use tokio::sync::watch;
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
@@ -327,8 +327,61 @@ pub async fn watcher(
         if end != WatchEnd::Stopped {
             member = (member + 1) % members;
         }
-        if matches!(end, WatchEnd::Canceled { .. }) {
-            return;
+        match end {
+            // Its start was compacted away: what an etcd client does is start again
+            // from the oldest revision still there.
+            WatchEnd::Canceled { compact_revision } if compact_revision > 0 => {
+                next = compact_revision;
+            }
+            WatchEnd::Canceled { .. } => return,
+            _ => {}
+        }
+    }
+}
+
+/// Compacts the store every few seconds, keeping the last `keep` revisions, as
+/// `--auto-compaction-mode revision` would; errors (no leader, a partition) are ignored.
+pub async fn compactor(
+    endpoints: Endpoints,
+    keep: i64,
+    log: crate::faults::FaultLog,
+    stop: watch::Receiver<bool>,
+) {
+    let mut member = 0;
+    while !*stop.borrow() {
+        let pause = Duration::from_millis(madsim::rand::thread_rng().gen_range(3000..8000));
+        tokio::time::sleep(pause).await;
+        member = (member + 1) % endpoints.len();
+        let Some(channel) = connect(&endpoints.url(member)).await else {
+            continue;
+        };
+        let mut kv = KvClient::new(channel);
+        let compacted = tokio::time::timeout(OP_TIMEOUT, async {
+            let current = kv
+                .range(pb::RangeRequest {
+                    key: KEY_PREFIX.to_vec(),
+                    count_only: true,
+                    ..Default::default()
+                })
+                .await
+                .ok()?
+                .into_inner()
+                .header?
+                .revision;
+            if current - keep > 1 {
+                kv.compact(pb::CompactionRequest {
+                    revision: current - keep,
+                    physical: false,
+                })
+                .await
+                .ok()?;
+                return Some(current - keep);
+            }
+            None
+        })
+        .await;
+        if let Ok(Some(revision)) = compacted {
+            log.record(format!("compacted at revision {revision}"));
         }
     }
 }
@@ -360,7 +413,9 @@ async fn watch_stream(
         _ => return WatchEnd::Broken,
     };
     loop {
+        // `biased`: an unbiased select draws from tokio's RNG, which is not the seed's.
         let message = tokio::select! {
+            biased;
             _ = stop.wait_for(|s| *s) => return WatchEnd::Stopped,
             m = responses.message() => m,
         };

@@ -184,8 +184,13 @@ impl SimCluster {
     /// Removes slot `slot`'s member from the cluster (MemberRemove through the leader)
     /// and stops its node. Returns whether the cluster accepted the removal.
     pub async fn remove_member(&mut self, slot: usize) -> bool {
-        let Some(id) = self.status(slot).await.and_then(|s| s.header.map(|h| h.member_id)) else {
-            self.log.record(format!("remove m{slot}: it does not answer"));
+        let Some(id) = self
+            .status(slot)
+            .await
+            .and_then(|s| s.header.map(|h| h.member_id))
+        else {
+            self.log
+                .record(format!("remove m{slot}: it does not answer"));
             return false;
         };
         let Some(leader) = self.leader().await else {
@@ -196,28 +201,83 @@ impl SimCluster {
         let result = self
             .control(move || async move {
                 let mut client = pb::cluster_client::ClusterClient::new(connect(&url).await?);
-                Some(client.member_remove(pb::MemberRemoveRequest { id }).await.map(|_| ()))
+                Some(
+                    client
+                        .member_remove(pb::MemberRemoveRequest { id })
+                        .await
+                        .map(|_| ()),
+                )
             })
             .await;
-        match result {
-            Some(Ok(())) => {
+        let outcome = match result {
+            Some(Ok(())) => "done".to_string(),
+            Some(Err(status)) => format!("answered {:?} {}", status.code(), status.message()),
+            None => "no answer".to_string(),
+        };
+        // The answer does not settle it: the removal may have committed even when the
+        // answer was lost (removing the leader closes its connections). The member list,
+        // asked of the others, does.
+        let mut removed = None;
+        for _ in 0..10 {
+            removed = self.member_listed(slot, id).await.map(|listed| !listed);
+            if removed.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        match removed {
+            Some(true) => {
                 let member = &mut self.members[slot];
                 self.handle.kill(member.node.id());
                 member.removed = true;
                 member.down = false;
                 member.paused = false;
-                self.log.record(format!("removed {} ({id:x}) from the cluster", member.name));
+                self.log.record(format!(
+                    "removed {} ({id:x}) from the cluster ({outcome})",
+                    member.name
+                ));
                 true
             }
-            Some(Err(status)) => {
-                self.log.record(format!("remove m{slot} refused: {}", status.message()));
+            Some(false) => {
+                self.log
+                    .record(format!("remove m{slot} did not happen ({outcome})"));
                 false
             }
             None => {
-                self.log.record(format!("remove m{slot}: no answer"));
+                // Nobody can tell: leave the slot as it is; the end-of-run convergence
+                // check fails if the member is in fact gone.
+                self.log
+                    .record(format!("remove m{slot}: outcome unknown ({outcome})"));
                 false
             }
         }
+    }
+
+    /// Whether member `id` is in the member list as the other slots' members see it
+    /// (a linearizable MemberList); `None` when none of them answers.
+    async fn member_listed(&self, except: usize, id: u64) -> Option<bool> {
+        for i in (0..self.size()).filter(|i| *i != except) {
+            let m = &self.members[i];
+            if m.down || m.paused || m.removed {
+                continue;
+            }
+            let url = self.url(i);
+            let listed = self
+                .control(move || async move {
+                    let mut client = pb::cluster_client::ClusterClient::new(connect(&url).await?);
+                    let list = client
+                        .member_list(pb::MemberListRequest { linearizable: true })
+                        .await
+                        .ok()?
+                        .into_inner();
+                    Some(list.members.iter().any(|m| m.id == id))
+                })
+                .await;
+            if listed.is_some() {
+                return listed;
+            }
+        }
+        None
     }
 
     /// Adds a new member to the removed slot `slot` (MemberAdd through the leader, with
@@ -248,7 +308,8 @@ impl SimCluster {
         let response = match result {
             Some(Ok(response)) => response,
             Some(Err(status)) => {
-                self.log.record(format!("add m{slot} refused: {}", status.message()));
+                self.log
+                    .record(format!("add m{slot} refused: {}", status.message()));
                 return false;
             }
             None => {

@@ -8,7 +8,7 @@
 use std::hash::{Hash, Hasher};
 use std::time::Duration;
 
-use tokio::sync::watch;
+use metastore_runtime::signal as watch;
 
 use crate::clients::{client_ip, kv_client, watcher, Recorder};
 use crate::cluster::SimCluster;
@@ -27,6 +27,8 @@ pub struct RunConfig {
     pub faults: FaultPlan,
     /// Test-only: serve linearizable reads without ReadIndex (the checkers must notice).
     pub stale_reads_bug: bool,
+    /// Compact every few seconds keeping this many revisions (`None`: never compact).
+    pub compact_keep: Option<i64>,
 }
 
 impl Default for RunConfig {
@@ -39,6 +41,7 @@ impl Default for RunConfig {
             duration: Duration::from_secs(30),
             faults: FaultPlan::default(),
             stale_reads_bug: false,
+            compact_keep: Some(300),
         }
     }
 }
@@ -132,6 +135,19 @@ pub async fn run(config: RunConfig) -> RunReport {
         )));
     }
 
+    if let Some(keep) = config.compact_keep {
+        let node = handle
+            .create_node()
+            .name("compactor")
+            .ip(client_ip(200))
+            .build();
+        tasks.push(node.spawn(crate::clients::compactor(
+            cluster.endpoints(),
+            keep,
+            log.clone(),
+            kv_stop_rx.clone(),
+        )));
+    }
     run_schedule(&mut cluster, &config.faults, config.duration).await;
     // Clients keep going for a while on the healed cluster: their retries land, and
     // indeterminate operations get followed by determinate ones.

@@ -15,10 +15,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use crate::signal as watch;
 use futures::Stream;
 use metastore_proto::etcdserverpb as pb;
 use metastore_proto::etcdserverpb::watch_server::Watch;
-use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::Api;
@@ -128,9 +128,12 @@ async fn receive(
         if stream.is_closed() {
             return;
         }
+        // `biased`: an unbiased select draws from tokio's per-thread RNG, whose seed
+        // depends on a process-wide counter, so simulation runs would not replay.
         let message = tokio::select! {
-            m = inbound.message() => m,
+            biased;
             _ = stream.wait_closed() => return,
+            m = inbound.message() => m,
         };
         let request = match message {
             Ok(Some(r)) => r,

@@ -31,7 +31,9 @@ use raft::eraftpb::{
     ConfChange, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, Message, Snapshot,
 };
 use raft::{RawNode, SnapshotStatus, StateRole};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::signal as watch;
 
 use crate::blocking;
 use crate::error::{ClusterError, Error, Result};
@@ -409,7 +411,10 @@ async fn run(mut driver: Driver, mut inbox: mpsc::Receiver<Input>, heartbeat: Du
     let mut closing = None;
     let shared = driver.shared.clone();
     loop {
+        // `biased` (replayable under simulation: see api::watch); the ticker goes first
+        // because it is rarely ready, so a busy inbox cannot starve it.
         tokio::select! {
+            biased;
             _ = ticker.tick() => driver.tick(),
             input = inbox.recv() => {
                 let Some(input) = input else { break };
