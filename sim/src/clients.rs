@@ -22,15 +22,15 @@ use tonic::transport::Channel;
 
 use crate::cluster::{connect, Endpoints};
 use crate::history::{
-    History, KvOp, KvOutcome, KvRecord, Versioned, WatchEnd, WatchRecord, WatchedEvent,
+    History, KvOp, KvOutcome, KvRecord, LeaseRecord, Versioned, WatchEnd, WatchRecord, WatchedEvent,
 };
 
 /// How long a client waits for one answer before it gives up on it.
-const OP_TIMEOUT: Duration = Duration::from_secs(3);
+pub(crate) const OP_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Every key the workload touches starts with this prefix; watchers watch all of them.
 pub const KEY_PREFIX: &[u8] = b"k";
-const KEY_PREFIX_END: &[u8] = b"l";
+pub(crate) const KEY_PREFIX_END: &[u8] = b"l";
 
 /// The shared, append-only record of a run.
 #[derive(Clone)]
@@ -63,12 +63,19 @@ impl Recorder {
         self.lock().watches.push(record);
     }
 
+    pub(crate) fn lease(&self, record: LeaseRecord) {
+        self.lock().leases.push(record);
+    }
+
     /// The records so far, in a canonical order (records of different clients that end
     /// at the same simulated instant have no order of their own).
     pub fn history(&self) -> History {
         let mut history = self.lock().clone();
         history.kv.sort_by_key(|r| (r.invoked_ns, r.client));
         history.watches.sort_by_key(|r| (r.watcher, r.started_ns));
+        history
+            .leases
+            .sort_by_key(|r| (r.client, r.grant_invoked_ns));
         history
     }
 }

@@ -500,6 +500,34 @@ impl SimCluster {
         .await
     }
 
+    /// A linearizable range `[key, range_end)` on member `i`: the keys it returned, and
+    /// the response header's revision.
+    pub async fn range_keys(
+        &self,
+        i: usize,
+        key: &[u8],
+        range_end: &[u8],
+    ) -> Option<(Vec<Vec<u8>>, i64)> {
+        let url = client_url(i);
+        let (key, range_end) = (key.to_vec(), range_end.to_vec());
+        self.control(move || async move {
+            let mut client = pb::kv_client::KvClient::new(connect(&url).await?);
+            let r = client
+                .range(pb::RangeRequest {
+                    key,
+                    range_end,
+                    keys_only: true,
+                    ..Default::default()
+                })
+                .await
+                .ok()?
+                .into_inner();
+            let revision = r.header?.revision;
+            Some((r.kvs.into_iter().map(|kv| kv.key).collect(), revision))
+        })
+        .await
+    }
+
     /// HashKV of member `i` at `revision`, as (hash, compact revision).
     pub async fn hash_kv(&self, i: usize, revision: i64) -> Option<(u32, i64)> {
         let url = self.url(i);

@@ -250,9 +250,151 @@ impl WatchRecord {
     }
 }
 
+/// One keep-alive the client got an answer to: the lease's TTL after renewing, as the
+/// leader answered it (0: the lease no longer exists).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct KeepAlive {
+    pub invoked_ns: u64,
+    pub completed_ns: u64,
+    pub ttl: i64,
+}
+
+/// A `LeaseRevoke` the client issued.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LeaseRevoke {
+    pub invoked_ns: u64,
+    /// `None` when no answer came (or an error did): the revoke may or may not happen.
+    pub completed_ns: Option<u64>,
+    /// `Some(true)`: acknowledged; `Some(false)`: "lease not found" (it had already gone);
+    /// `None`: unknown.
+    pub revoked: Option<bool>,
+}
+
+/// A linearizable `Range` of the lease's own key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LeaseRead {
+    pub invoked_ns: u64,
+    pub completed_ns: u64,
+    pub present: bool,
+    /// The response header's revision.
+    pub revision: i64,
+}
+
+/// One lease as its client used it: granted, a key attached, kept alive for a while,
+/// then revoked or left to expire, and its key read afterwards.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LeaseRecord {
+    pub client: usize,
+    pub id: i64,
+    /// The TTL the grant answered, seconds.
+    pub ttl: i64,
+    pub grant_invoked_ns: u64,
+    pub grant_completed_ns: u64,
+    /// The key put with the lease (no other client writes it) and its unique value.
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+    /// The put's revision when acknowledged; `None` when its outcome is unknown.
+    pub put_revision: Option<i64>,
+    /// Every answered keep-alive, in order.
+    pub keep_alives: Vec<KeepAlive>,
+    /// Invocation times of keep-alives that got no answer (error, timeout, broken
+    /// stream): each may or may not have renewed the lease.
+    pub unanswered_keep_alives: Vec<u64>,
+    /// When the client stopped renewing: no keep-alive was sent after this instant
+    /// (when the workload's stop ended the lease: the last keep-alive sent, or the grant).
+    pub renewed_until_ns: u64,
+    pub revoke: Option<LeaseRevoke>,
+    /// Reads of the key, in order.
+    pub reads: Vec<LeaseRead>,
+}
+
+impl LeaseRecord {
+    /// The latest instant before which the lease cannot have expired, as far as this
+    /// client knows: `invoked + TTL` of the grant and of every keep-alive that renewed
+    /// it (the leader starts a TTL no earlier than it receives the request).
+    pub fn alive_until_ns(&self) -> u64 {
+        let secs = |ttl: i64| (ttl.max(0) as u64).saturating_mul(1_000_000_000);
+        self.keep_alives
+            .iter()
+            .filter(|k| k.ttl > 0)
+            .map(|k| k.invoked_ns.saturating_add(secs(k.ttl)))
+            .chain(std::iter::once(
+                self.grant_invoked_ns.saturating_add(secs(self.ttl)),
+            ))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Whether the client asked to revoke the lease before `ns`.
+    pub fn revoke_invoked_before(&self, ns: u64) -> bool {
+        self.revoke.as_ref().is_some_and(|r| r.invoked_ns < ns)
+    }
+}
+
+fn secs_of(ns: u64) -> String {
+    format!("{:.3}s", ns as f64 / 1e9)
+}
+
+impl fmt::Display for LeaseRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "lease {:x} of client {} (TTL {}s) granted [{}..{}], key {} put ",
+            self.id,
+            self.client,
+            self.ttl,
+            secs_of(self.grant_invoked_ns),
+            secs_of(self.grant_completed_ns),
+            show_bytes(&self.key)
+        )?;
+        match self.put_revision {
+            Some(r) => write!(f, "at rev {r}")?,
+            None => write!(f, "indeterminate")?,
+        }
+        write!(f, "; keep-alives:")?;
+        for k in &self.keep_alives {
+            write!(
+                f,
+                " [{}..{}] ttl {}",
+                secs_of(k.invoked_ns),
+                secs_of(k.completed_ns),
+                k.ttl
+            )?;
+        }
+        for k in &self.unanswered_keep_alives {
+            write!(f, " [{}..?]", secs_of(*k))?;
+        }
+        write!(f, "; renewed until {}", secs_of(self.renewed_until_ns))?;
+        if let Some(r) = &self.revoke {
+            let end = r.completed_ns.map_or("?".into(), secs_of);
+            let what = match r.revoked {
+                Some(true) => "revoked",
+                Some(false) => "not found",
+                None => "indeterminate",
+            };
+            write!(f, "; revoke [{}..{end}] {what}", secs_of(r.invoked_ns))?;
+        }
+        if !self.reads.is_empty() {
+            write!(f, "; reads:")?;
+            for r in &self.reads {
+                write!(
+                    f,
+                    " [{}..{}] {} (rev {})",
+                    secs_of(r.invoked_ns),
+                    secs_of(r.completed_ns),
+                    if r.present { "present" } else { "absent" },
+                    r.revision
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A whole run's observations.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct History {
     pub kv: Vec<KvRecord>,
     pub watches: Vec<WatchRecord>,
+    pub leases: Vec<LeaseRecord>,
 }

@@ -20,6 +20,8 @@ pub mod disk;
 pub mod faults;
 pub mod history;
 #[cfg(madsim)]
+pub mod leases;
+#[cfg(madsim)]
 pub mod run;
 pub mod workload;
 

@@ -14,6 +14,7 @@ use crate::clients::{client_ip, kv_client, watcher, Recorder};
 use crate::cluster::SimCluster;
 use crate::faults::{run_schedule, FaultLog, FaultPlan};
 use crate::history::History;
+use crate::leases::{lease_client, lease_client_ip, LEASE_KEY_PREFIX, LEASE_KEY_PREFIX_END};
 
 /// The shape of a run.
 #[derive(Debug, Clone)]
@@ -21,6 +22,8 @@ pub struct RunConfig {
     pub members: usize,
     pub kv_clients: usize,
     pub watchers: usize,
+    /// Lease users (grant, attach a key, keep alive, revoke or let expire).
+    pub lease_clients: usize,
     pub keys: usize,
     /// How long the workload and the fault schedule run (simulated time).
     pub duration: Duration,
@@ -37,6 +40,7 @@ impl Default for RunConfig {
             members: 3,
             kv_clients: 5,
             watchers: 3,
+            lease_clients: 2,
             keys: 4,
             duration: Duration::from_secs(30),
             faults: FaultPlan::default(),
@@ -55,6 +59,10 @@ pub struct RunReport {
     /// `Err` says how the members differ at the end (revision or HashKV), or which
     /// watcher never caught up after the heal.
     pub convergence: Result<(), String>,
+    /// The lease keys a linearizable range found after the heal (once every lease had had
+    /// time to expire), and when that range was invoked (the history's clock); `Err`
+    /// when no member answered it.
+    pub lease_keys: Result<(Vec<Vec<u8>>, u64), String>,
     /// Simulated time the run took.
     pub elapsed: Duration,
 }
@@ -75,6 +83,10 @@ impl RunReport {
             }
             watch.hash(&mut hasher);
         }
+        self.history.leases.hash(&mut hasher);
+        if let Ok(keys) = &self.lease_keys {
+            keys.hash(&mut hasher);
+        }
         for (at, what) in self.faults.entries() {
             at.hash(&mut hasher);
             what.hash(&mut hasher);
@@ -86,6 +98,11 @@ impl RunReport {
 
 /// How long the cluster gets after the heal to agree on one revision and hash.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long past its TTL an unrenewed lease may keep its key on the healed cluster (a
+/// new leader extends every lease by an election timeout, and spreads piles of
+/// expiries).
+pub const LEASE_GRACE: Duration = Duration::from_secs(10);
 
 pub async fn run(config: RunConfig) -> RunReport {
     metastore_runtime::api::injected_bugs::STALE_READS.with(|on| on.set(config.stale_reads_bug));
@@ -148,6 +165,22 @@ pub async fn run(config: RunConfig) -> RunReport {
             kv_stop_rx.clone(),
         )));
     }
+
+    let mut lease_tasks = Vec::new();
+    for l in 0..config.lease_clients {
+        let node = handle
+            .create_node()
+            .name(format!("leases{l}"))
+            .ip(lease_client_ip(l))
+            .build();
+        lease_tasks.push(node.spawn(lease_client(
+            l,
+            cluster.endpoints(),
+            recorder.clone(),
+            kv_stop_rx.clone(),
+        )));
+    }
+
     run_schedule(&mut cluster, &config.faults, config.duration).await;
     // Clients keep going for a while on the healed cluster: their retries land, and
     // indeterminate operations get followed by determinate ones.
@@ -155,8 +188,27 @@ pub async fn run(config: RunConfig) -> RunReport {
     kv_stop.send_replace(true);
     // A client mid-operation finishes it (bounded by its own timeout).
     tokio::time::sleep(Duration::from_secs(4)).await;
+    for task in lease_tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+    }
+    // Every lease stopped being renewed: give the last ones time to expire, so the final
+    // check covers them all.
+    let expired_by = recorder
+        .history()
+        .leases
+        .iter()
+        .map(|l| {
+            l.renewed_until_ns.max(l.grant_completed_ns) + l.ttl.clamp(0, 60) as u64 * 1_000_000_000
+        })
+        .max()
+        .map_or(0, |t| t + LEASE_GRACE.as_nanos() as u64 + 1);
+    let now = recorder.now_ns();
+    if expired_by > now {
+        tokio::time::sleep(Duration::from_nanos(expired_by - now)).await;
+    }
 
     let (final_revision, mut convergence) = settle(&cluster).await;
+    let lease_keys = lease_keys(&cluster, &recorder).await;
     log.record(format!("settled at revision {final_revision}"));
     if convergence.is_ok() {
         // Watchers need a moment to deliver the last revisions after the heal.
@@ -175,6 +227,7 @@ pub async fn run(config: RunConfig) -> RunReport {
         faults: log,
         final_revision,
         convergence,
+        lease_keys,
         elapsed: started.elapsed(),
     }
 }
@@ -211,6 +264,24 @@ async fn settle(cluster: &SimCluster) -> (i64, Result<(), String>) {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// The lease keys, by a linearizable range on the first member that answers, and when
+/// it was invoked.
+async fn lease_keys(
+    cluster: &SimCluster,
+    recorder: &crate::clients::Recorder,
+) -> Result<(Vec<Vec<u8>>, u64), String> {
+    for i in 0..cluster.size() {
+        let invoked = recorder.now_ns();
+        if let Some((keys, _)) = cluster
+            .range_keys(i, LEASE_KEY_PREFIX, LEASE_KEY_PREFIX_END)
+            .await
+        {
+            return Ok((keys, invoked));
+        }
+    }
+    Err("no member answered the final range of lease keys".into())
 }
 
 /// After the heal every watcher must have delivered every revision up to the final one
@@ -253,6 +324,11 @@ pub struct Verdict {
     pub indeterminate: usize,
     pub watch_streams: usize,
     pub watch_events: usize,
+    pub leases: usize,
+    /// Leases whose revoke was acknowledged.
+    pub leases_revoked: usize,
+    /// Leases the client let expire and saw gone (a read or a TTL-0 keep-alive).
+    pub leases_expired: usize,
     pub final_revision: i64,
     pub faults: usize,
     pub simulated: Duration,
@@ -264,7 +340,8 @@ impl RunReport {
     /// replaying it.
     pub fn verdict(&self) -> Result<Verdict, String> {
         use crate::check::{
-            check_linearizable, check_revision_order, check_watches, LinearizabilityResult,
+            check_lease_expiry, check_leases, check_linearizable, check_revision_order,
+            check_watches, LinearizabilityResult,
         };
         let fail = |what: String| {
             Err(format!(
@@ -291,9 +368,26 @@ impl RunReport {
         if let Err(v) = check_watches(&self.history) {
             return fail(format!("{v}"));
         }
+        if let Err(v) = check_leases(&self.history) {
+            return fail(format!("{v}"));
+        }
         if let Err(why) = &self.convergence {
             return fail(format!("convergence: {why}"));
         }
+        match &self.lease_keys {
+            Ok((keys, checked_ns)) => {
+                if let Err(v) = check_lease_expiry(
+                    &self.history.leases,
+                    keys,
+                    *checked_ns,
+                    LEASE_GRACE.as_nanos() as u64,
+                ) {
+                    return fail(format!("lease expiry after the heal: {v}"));
+                }
+            }
+            Err(why) => return fail(format!("lease expiry after the heal: {why}")),
+        }
+        let leases = &self.history.leases;
         Ok(Verdict {
             operations: self.history.kv.len(),
             indeterminate: self
@@ -310,6 +404,19 @@ impl RunReport {
                 .flat_map(|w| w.responses.iter())
                 .map(|(_, events)| events.len())
                 .sum(),
+            leases: leases.len(),
+            leases_revoked: leases
+                .iter()
+                .filter(|l| l.revoke.as_ref().is_some_and(|r| r.revoked == Some(true)))
+                .count(),
+            leases_expired: leases
+                .iter()
+                .filter(|l| {
+                    l.revoke.is_none()
+                        && (l.reads.iter().any(|r| !r.present)
+                            || l.keep_alives.iter().any(|k| k.ttl <= 0))
+                })
+                .count(),
             final_revision: self.final_revision,
             faults: self.faults.entries().len(),
             simulated: self.elapsed,

@@ -25,12 +25,15 @@ fn init_logging() {
 fn judge(report: &RunReport) {
     match report.verdict() {
         Ok(v) => eprintln!(
-            "seed {}: {} ops ({} indeterminate), {} watch streams / {} events, revision {}, {} faults, {:.1}s simulated, trace {:016x}",
+            "seed {}: {} ops ({} indeterminate), {} watch streams / {} events, {} leases ({} revoked, {} expired), revision {}, {} faults, {:.1}s simulated, trace {:016x}",
             madsim::runtime::Handle::current().seed(),
             v.operations,
             v.indeterminate,
             v.watch_streams,
             v.watch_events,
+            v.leases,
+            v.leases_revoked,
+            v.leases_expired,
             v.final_revision,
             v.faults,
             v.simulated.as_secs_f64(),

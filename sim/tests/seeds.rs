@@ -74,6 +74,18 @@ fn same_seed_same_trace() {
                 y.ended_ns
             );
         }
+        if let Some(i) = (0..a.history.leases.len().min(b.history.leases.len()))
+            .find(|i| a.history.leases[*i] != b.history.leases[*i])
+        {
+            panic!(
+                "seed {seed}: lease record {i} differs between runs:\n{}\n{}",
+                a.history.leases[i], b.history.leases[i]
+            );
+        }
+        assert_eq!(
+            a.lease_keys, b.lease_keys,
+            "seed {seed}: the final lease keys differ between runs"
+        );
         assert_eq!(
             a.trace_hash(),
             b.trace_hash(),

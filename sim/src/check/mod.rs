@@ -5,6 +5,9 @@
 //! - [`linearizability`]: every key's KV operations have a linearization that a
 //!   sequential etcd key would accept ([`check_linearizable`]), and revisions respect
 //!   real time across keys ([`check_revision_order`]).
+//! - [`lease`]: lease keys do not disappear before their lease could have expired, and
+//!   are gone once it is known gone ([`check_leases`]); after the heal, keys of leases
+//!   long unrenewed are gone ([`check_lease_expiry`]).
 //! - [`watch`]: watch streams are ordered, gap-free, agree with each other and with the
 //!   KV history ([`check_watches`]).
 //!
@@ -14,6 +17,7 @@
 //! a false alarm costs more than a missed bug, because the simulation replays seeds by
 //! the thousand.
 
+pub mod lease;
 pub mod linearizability;
 pub mod watch;
 
@@ -21,6 +25,7 @@ use std::fmt;
 
 use crate::history::{KvRecord, Versioned, WatchEnd, WatchRecord, WatchedEvent};
 
+pub use lease::{check_lease_expiry, check_leases};
 pub use linearizability::{check_linearizable, check_revision_order, LinearizabilityResult, Model};
 pub use watch::check_watches;
 
@@ -30,6 +35,7 @@ pub enum CheckKind {
     Linearizability,
     RevisionOrder,
     Watch,
+    Lease,
 }
 
 impl fmt::Display for CheckKind {
@@ -38,6 +44,7 @@ impl fmt::Display for CheckKind {
             CheckKind::Linearizability => "linearizability",
             CheckKind::RevisionOrder => "revision order",
             CheckKind::Watch => "watch",
+            CheckKind::Lease => "lease",
         })
     }
 }

@@ -691,6 +691,7 @@ mod tests {
                 // Key b from its creation, never saw anything else.
                 stream(2, "b", 2, true, vec![vec![ev("b", 2, Some("y"), None)]]),
             ],
+            leases: Vec::new(),
         }
     }
 
