@@ -508,7 +508,7 @@ impl SimCluster {
         key: &[u8],
         range_end: &[u8],
     ) -> Option<(Vec<Vec<u8>>, i64)> {
-        let url = client_url(i);
+        let url = self.url(i);
         let (key, range_end) = (key.to_vec(), range_end.to_vec());
         self.control(move || async move {
             let mut client = pb::kv_client::KvClient::new(connect(&url).await?);

@@ -13,9 +13,9 @@ use std::time::Duration;
 use futures::SinkExt;
 use madsim::rand::Rng;
 use metastore_proto::etcdserverpb as pb;
+use metastore_runtime::signal as watch;
 use pb::kv_client::KvClient;
 use pb::lease_client::LeaseClient;
-use metastore_runtime::signal as watch;
 use tonic::transport::Channel;
 
 use crate::clients::{Recorder, KEY_PREFIX, OP_TIMEOUT};
