@@ -104,7 +104,21 @@ const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// expiries).
 pub const LEASE_GRACE: Duration = Duration::from_secs(10);
 
+/// Installs the log subscriber every run uses, filtered by `RUST_LOG` (default: off).
+/// It is installed whether or not anything is logged, so that turning logs on does not
+/// change the run: the subscriber's own allocations draw from the per-thread hash-map
+/// seeds the runtime's maps use too.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
 pub async fn run(config: RunConfig) -> RunReport {
+    init_logging();
     metastore_runtime::api::injected_bugs::STALE_READS.with(|on| on.set(config.stale_reads_bug));
     let started = tokio::time::Instant::now();
     let log = FaultLog::new();

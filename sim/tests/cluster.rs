@@ -4,23 +4,16 @@
 //! Seeds follow madsim's conventions: `MADSIM_TEST_SEED=N` replays seed N,
 //! `MADSIM_TEST_NUM=K` runs K seeds from it, `MADSIM_TEST_CHECK_DETERMINISM=1` runs each
 //! seed twice and compares. Without `MADSIM_TEST_SEED` madsim picks a seed from the
-//! clock (printed on failure). `scripts/test` runs a fixed range; `scripts/sim-soak`
-//! runs many. Only the simulation build has these tests (RUSTFLAGS="--cfg madsim").
+//! clock (printed on failure). `scripts/sim` runs CI's fixed range, replays seeds
+//! and soaks. `RUST_LOG=metastore_sim=info` prints faults as they happen, without
+//! changing the run (`run::init_logging`). Only the simulation build has these tests
+//! (RUSTFLAGS="--cfg madsim").
 #![cfg(madsim)]
 
 use std::time::Duration;
 
 use metastore_sim::faults::{FaultKind, FaultPlan};
 use metastore_sim::run::{run, RunConfig, RunReport};
-
-fn init_logging() {
-    // RUST_LOG=metastore_sim=info prints the fault log as it happens. Note that the log
-    // setting is part of what a seed replays (the logger allocates), so replay a seed
-    // with the same RUST_LOG it failed with.
-    if std::env::var_os("RUST_LOG").is_some() {
-        madsim::runtime::init_logger();
-    }
-}
 
 fn judge(report: &RunReport) {
     match report.verdict() {
@@ -46,7 +39,6 @@ fn judge(report: &RunReport) {
 /// Every fault kind, one at a time, for 30 simulated seconds.
 #[madsim::test]
 async fn faults_keep_histories_linearizable() {
-    init_logging();
     let report = run(RunConfig::default()).await;
     judge(&report);
 }
@@ -54,7 +46,6 @@ async fn faults_keep_histories_linearizable() {
 /// Crashes only, often, with lost unsynced writes: recovery from what the disk kept.
 #[madsim::test]
 async fn crash_restart_recovers_from_synced_state() {
-    init_logging();
     let report = run(RunConfig {
         faults: FaultPlan {
             kinds: vec![FaultKind::Crash],
@@ -71,7 +62,6 @@ async fn crash_restart_recovers_from_synced_state() {
 /// split brains would show.
 #[madsim::test]
 async fn partitions_keep_histories_linearizable() {
-    init_logging();
     let report = run(RunConfig {
         faults: FaultPlan {
             kinds: vec![
@@ -91,7 +81,6 @@ async fn partitions_keep_histories_linearizable() {
 /// by snapshot, among crashes and leader moves.
 #[madsim::test]
 async fn membership_changes_keep_histories_linearizable() {
-    init_logging();
     let report = run(RunConfig {
         faults: FaultPlan {
             kinds: vec![

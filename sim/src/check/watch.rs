@@ -27,7 +27,9 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::{show_bytes, show_event, CheckKind, Section, Violation, WatchExcerpt};
-use crate::history::{History, KvOp, KvOutcome, KvRecord, Versioned, WatchRecord, WatchedEvent};
+use crate::history::{
+    History, KvOp, KvOutcome, KvRecord, Versioned, WatchEnd, WatchRecord, WatchedEvent,
+};
 
 /// Where a (revision, key) was first seen by a stream: record and response index.
 type Origin = (usize, usize);
@@ -61,6 +63,7 @@ pub fn check_watches(history: &History) -> Result<(), Violation> {
     let mut reference: Reference<'_> = BTreeMap::new();
     let mut prevs: Prevs<'_> = HashMap::new();
     for (i, record) in watches.iter().enumerate() {
+        let restarted = restarted_at_compaction(watches, record);
         for (ri, (_, events)) in record.responses.iter().enumerate() {
             for e in events {
                 let at = reference.entry(e.revision).or_default();
@@ -73,7 +76,7 @@ pub fn check_watches(history: &History) -> Result<(), Violation> {
                         at.insert(&e.key, (e, (i, ri)));
                     }
                 }
-                if record.prev_kv {
+                if record.prev_kv && !(restarted && prev_compacted_away(record, e)) {
                     match prevs.get(&(e.revision, e.key.as_slice())) {
                         Some(&(other, origin)) if other != e.prev.as_ref() => {
                             return Err(disagree(watches, e, origin, (i, ri), "prev_kv"));
@@ -458,6 +461,29 @@ fn covered(intervals: &[(i64, i64)], lo: i64, hi: i64) -> bool {
         .is_some_and(|&(start, end)| start <= lo && hi <= end)
 }
 
+/// Whether `record` is a watcher's restart at the revision its previous stream was
+/// canceled for (`compact_revision`): it starts exactly at the compaction.
+fn restarted_at_compaction(watches: &[WatchRecord], record: &WatchRecord) -> bool {
+    record.start_revision > 0
+        && watches
+            .iter()
+            .filter(|w| w.watcher == record.watcher && w.started_ns < record.started_ns)
+            .max_by_key(|w| w.started_ns)
+            .is_some_and(|w| {
+                w.end
+                    == WatchEnd::Canceled {
+                        compact_revision: record.start_revision,
+                    }
+            })
+}
+
+/// An event at the compacted revision a stream starts from has no `prev_kv` in etcd: the
+/// previous version is read at `revision - 1`, which the compaction removed
+/// (etcd's watch server sends the event without it).
+fn prev_compacted_away(record: &WatchRecord, e: &WatchedEvent) -> bool {
+    e.prev.is_none() && e.revision == record.start_revision
+}
+
 fn check_prev_kv(
     history: &History,
     reference: &Reference<'_>,
@@ -529,8 +555,12 @@ fn check_prev_kv(
         if !record.prev_kv {
             continue;
         }
+        let restarted = restarted_at_compaction(watches, record);
         for (_, events) in &record.responses {
             for e in events {
+                if restarted && prev_compacted_away(record, e) {
+                    continue;
+                }
                 let key = e.key.as_slice();
                 let (Some(per_key), Some(intervals)) = (anchors.get(key), coverage.get(key)) else {
                     continue;
@@ -781,6 +811,26 @@ mod tests {
         let mut h = good();
         h.kv[2] = put("a", "other", 3);
         rejects(&h, "acknowledged write");
+    }
+
+    #[test]
+    fn a_restart_at_the_compacted_revision_may_lack_prev_kv() {
+        // Watcher 2 is canceled (start compacted at 3), restarts at 3: etcd reads the
+        // previous version at revision 2, compacted away, and sends the event without it.
+        let mut h = good();
+        let mut canceled = stream(2, "", 1, true, vec![]);
+        canceled.end = WatchEnd::Canceled {
+            compact_revision: 3,
+        };
+        let mut restarted = stream(2, "", 3, true, vec![vec![ev("a", 3, Some("z"), None)]]);
+        restarted.started_ns = 50;
+        h.watches.push(canceled);
+        h.watches.push(restarted.clone());
+        assert_eq!(check_watches(&h), Ok(()));
+        // The same missing prev_kv without the compaction is wrong.
+        let mut h = good();
+        h.watches.push(restarted);
+        assert!(check_watches(&h).is_err());
     }
 
     #[test]
