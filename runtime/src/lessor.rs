@@ -72,6 +72,12 @@ struct Timing {
     /// When this lease's next checkpoint is due (at most one is pending, however often
     /// its checkpoints are cleared by renewals).
     checkpoint_due: Option<Instant>,
+    /// Set once the lease was found expired and its revoke proposed: the expiry it had.
+    /// Such a lease is not renewable any more (etcd's `Renew` of an expired lease waits
+    /// for the revoke and answers not-found): the revoke is already on its way through
+    /// the log, and a renewal answered now would promise a TTL the revoke then breaks.
+    /// (`expiry` meanwhile holds the time to retry the revoke.)
+    revoke_since: Option<Instant>,
 }
 
 impl Timing {
@@ -170,6 +176,7 @@ impl PrimaryLessor {
                 remaining_ttl: lease.remaining_ttl,
                 expiry: now,
                 checkpoint_due: None,
+                revoke_since: None,
             };
             t.expiry = now + extend + secs(t.remaining_ttl_or_ttl());
             inner.leases.insert(lease.id, t);
@@ -219,6 +226,7 @@ impl PrimaryLessor {
                             remaining_ttl: 0,
                             expiry,
                             checkpoint_due: None,
+                            revoke_since: None,
                         },
                     );
                     earlier |= push_expiry(&mut inner, expiry, id);
@@ -255,7 +263,7 @@ impl PrimaryLessor {
         let Some(t) = inner.leases.get_mut(&id) else {
             return Renewal::NotFound;
         };
-        if t.expiry <= now {
+        if t.revoke_since.is_some() || t.expiry <= now {
             return Renewal::Expired;
         }
         let clear_checkpoint = checkpoints && t.remaining_ttl > 0;
@@ -281,10 +289,11 @@ impl PrimaryLessor {
             return None;
         }
         let t = inner.leases.get(&id)?;
-        Some(if t.expiry >= now {
-            (t.expiry - now).as_secs() as i64
+        let expiry = t.revoke_since.unwrap_or(t.expiry);
+        Some(if expiry >= now {
+            (expiry - now).as_secs() as i64
         } else {
-            -((now - t.expiry).as_secs() as i64)
+            -((now - expiry).as_secs() as i64)
         })
     }
 
@@ -292,7 +301,15 @@ impl PrimaryLessor {
     /// without a timer (not primary) go last, in ID order.
     pub fn sort_by_expiry(&self, ids: &mut [i64]) {
         let inner = self.lock();
-        ids.sort_by_key(|id| (inner.leases.get(id).map(|t| t.expiry), *id));
+        ids.sort_by_key(|id| {
+            (
+                inner
+                    .leases
+                    .get(id)
+                    .map(|t| t.revoke_since.unwrap_or(t.expiry)),
+                *id,
+            )
+        });
         // `None` sorts first in Option's order; move the untimed to the end instead.
         let timed = ids
             .iter()
@@ -320,6 +337,7 @@ impl PrimaryLessor {
             let retry = now + REVOKE_RETRY;
             match inner.leases.get_mut(&id) {
                 Some(t) if t.expiry == at => {
+                    t.revoke_since.get_or_insert(at);
                     t.expiry = retry;
                     out.push(id);
                 }
@@ -362,7 +380,7 @@ impl PrimaryLessor {
                     continue; // superseded
                 }
                 t.checkpoint_due = None;
-                if t.expiry > now {
+                if t.revoke_since.is_none() && t.expiry > now {
                     let left = t.expiry - now;
                     let secs = left.as_secs() as i64 + i64::from(left.subsec_nanos() > 0);
                     out.push(pb::LeaseCheckpoint {
@@ -384,7 +402,11 @@ impl PrimaryLessor {
         let Some(t) = inner.leases.get_mut(&id) else {
             return;
         };
-        if t.checkpoint_due.is_none() && t.expiry > now && t.expiry - now > interval {
+        if t.checkpoint_due.is_none()
+            && t.revoke_since.is_none()
+            && t.expiry > now
+            && t.expiry - now > interval
+        {
             let due = now + interval;
             t.checkpoint_due = Some(due);
             inner.checkpoints.push(Reverse((due, id)));
@@ -499,6 +521,14 @@ pub async fn run(api: Arc<Api>, lessor: Arc<PrimaryLessor>, mut stop: watch::Rec
         for id in expired {
             let api = api.clone();
             tokio::spawn(async move {
+                // A leader cut off from the others may not know yet that another member
+                // leads and renews this lease; its revoke would reach the new leader
+                // (followers forward proposals) and delete a lease the client was just
+                // told lives on. Prove leadership first (etcd's `ensureLeadership`); if it
+                // is gone, the new leader's lessor owns the lease.
+                if api.log.read_barrier().await.is_err() || !api.log.is_leader() {
+                    return;
+                }
                 match api
                     .propose_internal(Envelope::LeaseRevoke(pb::LeaseRevokeRequest { id }))
                     .await
@@ -633,6 +663,10 @@ mod tests {
         assert_eq!(l.remaining_secs_at(7, at(6500)), Some(-1));
         assert_eq!(l.renew_at(7, at(5100)), Renewal::Expired);
         assert_eq!(l.take_expired(at(5100), 10), vec![7]);
+        // Its revoke is on its way: a renewal now must not promise a new TTL, although
+        // the revoke's retry time lies ahead; its remaining time stays the expired one.
+        assert_eq!(l.renew_at(7, at(5200)), Renewal::Expired);
+        assert_eq!(l.remaining_secs_at(7, at(6200)), Some(-1));
         // Rate limit: a limit of 0 takes nothing.
         l.observe_at(&[LeaseChange::Granted { id: 8, ttl: 1 }], at(5100));
         assert!(l.take_expired(at(7000), 0).is_empty());

@@ -125,6 +125,17 @@ impl Api {
     /// etcd's `LeaseRenew` on the leader: the lease's TTL after renewing, 0 when it does
     /// not exist or ran out (after its revoke has gone through, as etcd waits for it).
     pub async fn renew(&self, id: i64, forwarded: bool) -> Result<i64, Status> {
+        // etcd's `ensureLeadership` (3.5): a leader cut off from the others keeps believing
+        // it leads until its check-quorum tick, and a renewal it grants then is unknown to
+        // the new leader, which may revoke the lease before the TTL the client was told.
+        // A ReadIndex round first proves this member still leads; if it does not, the
+        // client hears "not leader" and moves on to another member. (Found by the
+        // simulation's lease check.)
+        if self.lessor.is_primary()
+            && (self.log.read_barrier().await.is_err() || !self.log.is_leader())
+        {
+            return Err(EtcdError::NotLeader.status());
+        }
         match self.lessor.renew(id) {
             Renewal::Renewed {
                 ttl,

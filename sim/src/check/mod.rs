@@ -19,6 +19,7 @@
 
 pub mod lease;
 pub mod linearizability;
+pub mod resolve;
 pub mod watch;
 
 use std::fmt;
