@@ -294,23 +294,27 @@ async fn cluster_id_of(
             .flat_map(|(_, (_, urls))| urls.clone())
             .collect();
         let deadline = tokio::time::Instant::now() + JOIN_TIMEOUT;
+        // The member asked may not have applied the MemberAdd yet (it is committed on
+        // the leader when `member add` answers): a list without this member is asked
+        // again until the deadline before it counts as "not added".
         let info = loop {
-            if let Some(info) = crate::raft::transport::fetch_cluster(&urls).await {
+            let answer = crate::raft::transport::fetch_cluster(&urls).await;
+            let answered = answer.is_some();
+            let me = identity.member_id;
+            if let Some(info) = answer.filter(|i| i.members.iter().any(|m| m.id == me)) {
                 break info;
             }
             if tokio::time::Instant::now() > deadline {
-                return Err(StartError::Join(
-                    "could not retrieve cluster information from the given URLs".into(),
-                ));
+                return Err(StartError::Join(match answered {
+                    true => format!(
+                        "member {:x} has not been added to the cluster (use `etcdctl member add` first)",
+                        identity.member_id
+                    ),
+                    false => "could not retrieve cluster information from the given URLs".into(),
+                }));
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         };
-        if !info.members.iter().any(|m| m.id == identity.member_id) {
-            return Err(StartError::Join(format!(
-                "member {:x} has not been added to the cluster (use `etcdctl member add` first)",
-                identity.member_id
-            )));
-        }
         info.cluster_id
     } else {
         identity.cluster_id
