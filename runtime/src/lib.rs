@@ -10,6 +10,7 @@
 //! Beside them run the timers: [`compactor`] and [`lessor`] (the leader's lease expiry).
 
 pub mod api;
+pub mod clock;
 pub mod compactor;
 pub mod config;
 pub mod error;
@@ -45,4 +46,4 @@ pub(crate) async fn blocking<T: Send + 'static>(
     }
 }
 pub use error::{Error, Result};
-pub use server::{start, start_with_engine, RunningServer, StartError};
+pub use server::{start, start_with, Injected, RunningServer, StartError};

@@ -68,15 +68,23 @@ pub struct RunningServer {
 
 /// Binds the client listeners, opens storage, recovers the log and starts serving.
 pub async fn start(config: Config) -> Result<RunningServer, StartError> {
-    start_with_engine(config, None).await
+    start_with(config, Injected::default()).await
 }
 
-/// [`start`], on `engine` when given instead of the one `config` names (the simulation
-/// supplies a disk of its own that outlives the member).
-pub async fn start_with_engine(
-    config: Config,
-    engine: Option<Engine>,
-) -> Result<RunningServer, StartError> {
+/// What an embedder may supply instead of what the flags name (the simulation supplies
+/// a disk that outlives the member and a wall clock it can jump).
+#[derive(Default)]
+pub struct Injected {
+    /// Instead of the engine `--engine` names.
+    pub engine: Option<Engine>,
+    /// Instead of the machine's clock.
+    pub wall_clock: Option<Arc<dyn crate::clock::WallClock>>,
+}
+
+/// [`start`] with injected parts.
+pub async fn start_with(config: Config, injected: Injected) -> Result<RunningServer, StartError> {
+    let Injected { engine, wall_clock } = injected;
+    let wall_clock = wall_clock.unwrap_or_else(|| Arc::new(crate::clock::SystemClock));
     let mut identity = Identity::from_config(&config);
     // Listeners first, as etcd does: a port conflict fails before the data directory is
     // touched.
@@ -147,6 +155,7 @@ pub async fn start_with_engine(
         / config.heartbeat_interval.as_millis().max(1))
     .max(2) as usize;
     let raft_config = RaftConfig {
+        wall_clock: wall_clock.clone(),
         member_id: identity.member_id,
         cluster_id: identity.cluster_id,
         members,
@@ -203,6 +212,7 @@ pub async fn start_with_engine(
     }
     let api = Arc::new(
         Api::new(
+            wall_clock,
             state,
             log.clone() as Arc<dyn Replicator>,
             engine.clone(),

@@ -14,6 +14,7 @@ use std::time::Duration;
 use madsim::rand::Rng;
 use madsim::runtime::{Handle, NodeHandle};
 use metastore_proto::etcdserverpb as pb;
+use metastore_runtime::clock::OffsetClock;
 use metastore_runtime::config::{Config, Flags};
 use metastore_runtime::storage::Engine;
 use pb::maintenance_client::MaintenanceClient;
@@ -36,6 +37,8 @@ pub struct SimMember {
     pub ip: IpAddr,
     pub node: NodeHandle,
     pub disk: Arc<SimDisk>,
+    /// The member's wall clock: like the disk it outlives a crash, and it can jump.
+    pub clock: Arc<OffsetClock>,
     /// How many members this slot has had before the current one.
     pub incarnation: u8,
     pub down: bool,
@@ -373,6 +376,24 @@ impl SimCluster {
         self.log.record(format!("restart {}", member.name));
     }
 
+    /// Jumps member `i`'s wall clock by `by_secs` (negative: back).
+    pub fn jump_clock(&mut self, i: usize, by_secs: i64) {
+        let member = &self.members[i];
+        member.clock.jump(by_secs * 1_000_000_000);
+        self.log.record(format!(
+            "clock of {} jumps {by_secs:+} s (now {:+} s off)",
+            member.name,
+            member.clock.offset() / 1_000_000_000
+        ));
+    }
+
+    /// Puts every member's wall clock back on time (NTP catching up).
+    pub fn reset_clocks(&mut self) {
+        for member in &self.members {
+            member.clock.reset();
+        }
+    }
+
     pub fn pause(&mut self, i: usize) {
         let member = &mut self.members[i];
         self.handle.pause(member.node.id());
@@ -553,6 +574,7 @@ fn launch(
     existing: bool,
 ) -> SimMember {
     let disk = Arc::new(SimDisk::new());
+    let clock = Arc::new(OffsetClock::new());
     let ip = member_ip(slot, incarnation);
     let name = format!("m{slot}");
     let config = member_config(&name, ip, peers, existing);
@@ -562,8 +584,9 @@ fn launch(
         .ip(ip)
         .init({
             let disk = disk.clone();
+            let clock = clock.clone();
             let name = name.clone();
-            move || run_member(name.clone(), config.clone(), disk.clone())
+            move || run_member(name.clone(), config.clone(), disk.clone(), clock.clone())
         })
         .build();
     SimMember {
@@ -571,6 +594,7 @@ fn launch(
         ip,
         node,
         disk,
+        clock,
         incarnation,
         down: false,
         paused: false,
@@ -579,9 +603,12 @@ fn launch(
 }
 
 /// One run of a member's process: until the node is killed or the member fails.
-async fn run_member(name: String, config: Config, disk: Arc<SimDisk>) {
-    let engine = Engine::Supplied(disk);
-    match metastore_runtime::start_with_engine(config, Some(engine)).await {
+async fn run_member(name: String, config: Config, disk: Arc<SimDisk>, clock: Arc<OffsetClock>) {
+    let injected = metastore_runtime::Injected {
+        engine: Some(Engine::Supplied(disk)),
+        wall_clock: Some(clock),
+    };
+    match metastore_runtime::start_with(config, injected).await {
         Ok(mut server) => {
             let why = server.failed().await;
             tracing::warn!(member = %name, reason = %why, "member failed");

@@ -74,10 +74,13 @@ pub enum FaultKind {
     /// Remove a member from the cluster (MemberRemove), then add a new member with new
     /// addresses and an empty disk in its place (MemberAdd, joining by snapshot).
     ReplaceMember,
+    /// Set one member's wall clock forward or back (by seconds to a day), often followed
+    /// by a crash and restart, so the member starts its ID generators on the jumped time.
+    ClockJump,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 9] = [
+    pub const ALL: [FaultKind; 10] = [
         FaultKind::Isolate,
         FaultKind::PartitionFromPeers,
         FaultKind::OneWay,
@@ -87,6 +90,7 @@ impl FaultKind {
         FaultKind::PacketLoss,
         FaultKind::Latency,
         FaultKind::ReplaceMember,
+        FaultKind::ClockJump,
     ];
 }
 
@@ -210,6 +214,25 @@ async fn inject(cluster: &mut SimCluster, kind: FaultKind, hold: Duration) {
                 replace(cluster, victim).await;
             }
         }
+        FaultKind::ClockJump => {
+            let mut rng = madsim::rand::thread_rng();
+            let magnitude = *[1i64, 60, 3600, 86_400]
+                .choose(&mut rng)
+                .expect("not empty");
+            let by = if rng.gen_bool(0.5) {
+                magnitude
+            } else {
+                -magnitude
+            };
+            let restart = rng.gen_bool(0.5);
+            drop(rng);
+            cluster.jump_clock(victim, by);
+            if restart {
+                cluster.crash(victim);
+                tokio::time::sleep(hold.min(Duration::from_secs(1))).await;
+                cluster.restart(victim);
+            }
+        }
         FaultKind::Latency => {
             let max = Duration::from_millis(madsim::rand::thread_rng().gen_range(50..400));
             net.update_config(|c| c.send_latency = Duration::from_millis(1)..max);
@@ -252,6 +275,7 @@ pub async fn heal_all(cluster: &mut SimCluster) {
     for i in 0..n {
         replace(cluster, i).await;
     }
+    cluster.reset_clocks();
     cluster.log().record("heal all".into());
 }
 

@@ -96,3 +96,22 @@ async fn membership_changes_keep_histories_linearizable() {
     .await;
     judge(&report);
 }
+
+/// Wall-clock jumps on single members (a day either way, often with a restart on the
+/// jumped clock): nothing the cluster decides may depend on the wall clock.
+#[madsim::test]
+async fn clock_jumps_keep_histories_linearizable() {
+    let report = run(RunConfig {
+        faults: FaultPlan {
+            kinds: vec![
+                FaultKind::ClockJump,
+                FaultKind::ClockJump,
+                FaultKind::MoveLeader,
+            ],
+            ..FaultPlan::default()
+        },
+        ..RunConfig::default()
+    })
+    .await;
+    judge(&report);
+}

@@ -8,7 +8,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 // etcd's `costPut` and `costTxn` (nested transactions cost nothing, as in etcd).
 use metastore_core::alarm::{put_cost as cost_put, txn_cost as cost_txn};
@@ -69,6 +69,8 @@ pub struct Api {
     quota_size: AtomicU64,
     quota_size_at_ms: AtomicU64,
     started: Instant,
+    /// Seeds `next_request_id` and stamps proposals (never used for timing).
+    wall_clock: Arc<dyn crate::clock::WallClock>,
 }
 
 /// How stale the engine size used by the quota check may be. etcd's quota is a soft
@@ -77,6 +79,7 @@ const SIZE_REFRESH: Duration = Duration::from_millis(100);
 
 impl Api {
     pub fn new(
+        wall_clock: Arc<dyn crate::clock::WallClock>,
         state: SharedState,
         log: Arc<dyn Replicator>,
         engine: Engine,
@@ -86,7 +89,7 @@ impl Api {
         // etcd's ID generator: the low 16 bits of the member ID on top, then the start
         // time in milliseconds, then a counter, so IDs stay unique across restarts.
         let prefix = (identity.member_id & 0xffff) << 48;
-        let suffix = (unix_nanos() as u64 / 1_000_000) << 8 & ((1 << 48) - 1);
+        let suffix = (wall_clock.unix_nanos() as u64 / 1_000_000) << 8 & ((1 << 48) - 1);
         Self {
             state,
             log,
@@ -96,6 +99,7 @@ impl Api {
             lessor: Arc::new(PrimaryLessor::new(LessorConfig::default())),
             min_lease_ttl: 2,
             next_request_id: AtomicU64::new(prefix | suffix),
+            wall_clock,
             leader_link: lease::LeaderLink::default(),
             quota_size: AtomicU64::new(0),
             quota_size_at_ms: AtomicU64::new(u64::MAX),
@@ -229,7 +233,7 @@ impl Api {
         let envelope = InternalRequest {
             // The request ID is the replicator's to assign (one ID space per member).
             header: Some(RequestHeader::default()),
-            proposed_at_unix_nanos: unix_nanos(),
+            proposed_at_unix_nanos: self.wall_clock.unix_nanos(),
             request: Some(request),
         };
         // etcd measures the marshalled internal request against --max-request-bytes.
@@ -238,13 +242,6 @@ impl Api {
         }
         self.log.propose(envelope).await
     }
-}
-
-pub(crate) fn unix_nanos() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0)
 }
 
 /// A response of the wrong kind for the request: a bug between runtime and core.

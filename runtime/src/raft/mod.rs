@@ -57,6 +57,8 @@ pub enum Input {
 /// How a member runs raft.
 #[derive(Debug, Clone)]
 pub struct RaftConfig {
+    /// Seeds the request ID generator and stamps proposals (never used for timing).
+    pub wall_clock: Arc<dyn crate::clock::WallClock>,
     pub member_id: u64,
     pub cluster_id: u64,
     /// The initial cluster: every member's name and peer URLs, this one's included. A
@@ -206,7 +208,7 @@ impl RaftNode {
             // restarts.
             next_id: AtomicU64::new(
                 (config.member_id & 0xffff) << 48
-                    | ((crate::api::unix_nanos() as u64 / 1_000_000) << 8 & ((1 << 48) - 1)),
+                    | ((config.wall_clock.unix_nanos() as u64 / 1_000_000) << 8 & ((1 << 48) - 1)),
             ),
         });
         let (tx, rx) = mpsc::channel(INBOX_DEPTH);
@@ -234,6 +236,7 @@ impl RaftNode {
             transfer: None,
             attributes: config.attributes.clone(),
             attributes_proposed_at: None,
+            wall_clock: config.wall_clock.clone(),
             #[cfg(madsim)]
             election_salt: tokio::madsim::rand::random(),
         };
@@ -400,6 +403,7 @@ struct Driver {
     /// This member's name and client URLs, and when they were last proposed.
     attributes: pb::Member,
     attributes_proposed_at: Option<u64>,
+    wall_clock: Arc<dyn crate::clock::WallClock>,
     /// Simulation only: this member's share of the seed for election timeouts.
     #[cfg(madsim)]
     election_salt: u64,
@@ -900,7 +904,7 @@ impl Driver {
                 id: self.shared.next_id.fetch_add(1, Ordering::Relaxed),
                 ..Default::default()
             }),
-            proposed_at_unix_nanos: crate::api::unix_nanos(),
+            proposed_at_unix_nanos: self.wall_clock.unix_nanos(),
             request: Some(Envelope::MemberAttributes(self.attributes.clone())),
         };
         let _ = self.node.propose(Vec::new(), request.encode_to_vec());
@@ -1025,6 +1029,7 @@ mod tests {
 
     fn config() -> RaftConfig {
         RaftConfig {
+            wall_clock: Arc::new(crate::clock::SystemClock),
             member_id: ME,
             cluster_id: 1,
             members: HashMap::from([(

@@ -23,7 +23,7 @@ pub enum Engine {
     Memory(Arc<MemoryBackend>),
     #[cfg(feature = "rocksdb")]
     RocksDb(Arc<rocks::RocksBackend>),
-    /// An engine the embedder opened and passes to [`crate::server::start_with_engine`]
+    /// An engine the embedder opened and passes to [`crate::server::start_with`]
     /// (the simulation's disk, which survives a simulated crash). `flush` syncs it with an
     /// empty synced batch, which makes every earlier write durable (see above).
     Supplied(Arc<dyn Backend>),
