@@ -1,14 +1,17 @@
 //! Deterministic simulation of MetaStore.
 //!
-//! Today this crate owns the seeded workload generator and the determinism checks of the
-//! state machine: a seed fully determines a sequence of replicated requests, and applying
-//! it must give byte-identical state however often, on whichever engine, and across a
-//! reopen of the engine. It also owns the history checkers (`check`) that judge what
-//! simulated clients observed against etcd's guarantees. The madsim cluster harness
-//! (issue 7) builds on the same workload.
+//! This crate owns running the real runtime as a cluster inside madsim (`cluster`, on
+//! the simulated disk of `disk`), the seeded fault schedule (`faults`), the workload
+//! clients that record what they see (`clients`, `leases`, into `history`), the phases of
+//! a run (`run`), and the checkers that judge the records (`check`). It also keeps the
+//! older determinism checks of the state machine alone (`workload`,
+//! `tests/determinism.rs`). The harness modules exist only in the simulation build
+//! (RUSTFLAGS="--cfg madsim"); the checkers and the disk build and test everywhere.
+//! `docs/simulation.md` is the guide.
 //!
-//! It must never read the wall clock or an unseeded random source: every run is replayable
-//! from its seed (`METASTORE_SIM_SEED=N` replays one seed of the seed-range tests).
+//! It must never read the wall clock or an unseeded random source (randomness comes
+//! from `madsim::rand`), and never look at a member's state behind its API: every run
+//! is replayable from its seed, and what is checked is what a client could see.
 
 pub mod check;
 #[cfg(madsim)]
