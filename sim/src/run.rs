@@ -104,6 +104,13 @@ const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// expiries).
 pub const LEASE_GRACE: Duration = Duration::from_secs(10);
 
+/// What a new leader adds to every lease on promotion: one election timeout (the
+/// simulated members run with etcd's default, 1 s).
+const PROMOTION_EXTENSION: Duration = Duration::from_secs(1);
+
+/// Time for an expired lease's revoke to go through the log on a healthy cluster.
+const REVOKE_MARGIN: Duration = Duration::from_secs(2);
+
 /// Installs the log subscriber every run uses, filtered by `RUST_LOG` (default: off).
 /// It is installed whether or not anything is logged, so that turning logs on does not
 /// change the run: the subscriber's own allocations draw from the per-thread hash-map
@@ -222,6 +229,22 @@ pub async fn run(config: RunConfig) -> RunReport {
     }
 
     let (final_revision, mut convergence) = settle(&cluster).await;
+    // A lease whose deadline passed while the cluster had no leader is revoked only
+    // after a new leader's promotion, which extends it by its TTL and an election
+    // timeout (etcd does the same). Once a leader is known, waiting that long (plus a
+    // margin for the revoke itself) lets every unrenewed lease go before the range.
+    let leader_by = tokio::time::Instant::now() + SETTLE_TIMEOUT;
+    while cluster.leader().await.is_none() && tokio::time::Instant::now() < leader_by {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let max_ttl = recorder
+        .history()
+        .leases
+        .iter()
+        .map(|l| l.ttl.clamp(0, 60) as u64)
+        .max()
+        .unwrap_or(0);
+    tokio::time::sleep(Duration::from_secs(max_ttl) + PROMOTION_EXTENSION + REVOKE_MARGIN).await;
     let lease_keys = lease_keys(&cluster, &recorder).await;
     log.record(format!("settled at revision {final_revision}"));
     if convergence.is_ok() {
