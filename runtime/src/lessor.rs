@@ -150,7 +150,7 @@ impl PrimaryLessor {
         self.lock().primary
     }
 
-    fn term(&self) -> u64 {
+    pub fn term(&self) -> u64 {
         self.lock().term
     }
 
@@ -518,15 +518,22 @@ pub async fn run(api: Arc<Api>, lessor: Arc<PrimaryLessor>, mut stop: watch::Rec
         refilled = now;
         let expired = lessor.take_expired(now, tokens.floor() as usize);
         tokens -= expired.len() as f64;
+        // The term whose lease table said these expired.
+        let table_term = lessor.term();
         for id in expired {
             let api = api.clone();
             tokio::spawn(async move {
-                // A leader cut off from the others may not know yet that another member
-                // leads and renews this lease; its revoke would reach the new leader
-                // (followers forward proposals) and delete a lease the client was just
-                // told lives on. Prove leadership first (etcd's `ensureLeadership`); if it
-                // is gone, the new leader's lessor owns the lease.
-                if api.log.read_barrier().await.is_err() || !api.log.is_leader() {
+                // A leader cut off from the others (or frozen) may not know yet that
+                // another member leads and renews this lease; its revoke would reach the
+                // new leader (followers forward proposals) and delete a lease the client
+                // was just told lives on. Prove leadership first (etcd's
+                // `ensureLeadership`), and in the very term whose table found the lease
+                // expired: a member that lost leadership and won it back meanwhile
+                // starts that term with a fresh table, and the stale verdict is void.
+                if api.log.read_barrier().await.is_err()
+                    || !api.log.is_leader()
+                    || api.log.status().term != table_term
+                {
                     return;
                 }
                 match api
