@@ -21,12 +21,11 @@ use metastore_proto::etcdserverpb as pb;
 use metastore_proto::metastore::internal_request::Request as Envelope;
 use metastore_proto::mvccpb;
 use tokio::sync::Notify;
-
-use crate::signal as watch;
 use tokio::time::Instant;
 
 use crate::api::Api;
 use crate::replication::{read_state, EventSink};
+use crate::signal as watch;
 
 /// etcd's `expiredLeaseRetryInterval`: an expired lease whose revoke has not been applied
 /// by then is revoked again.
@@ -81,6 +80,12 @@ struct Timing {
 }
 
 impl Timing {
+    /// When the lease runs out: its expiry, or the one it had when its revoke was sent
+    /// (`expiry` then holds the retry time).
+    fn deadline(&self) -> Instant {
+        self.revoke_since.unwrap_or(self.expiry)
+    }
+
     /// etcd's `RemainingTTL`: the checkpointed remaining TTL if any, else the full TTL.
     fn remaining_ttl_or_ttl(&self) -> i64 {
         if self.remaining_ttl > 0 {
@@ -289,7 +294,7 @@ impl PrimaryLessor {
             return None;
         }
         let t = inner.leases.get(&id)?;
-        let expiry = t.revoke_since.unwrap_or(t.expiry);
+        let expiry = t.deadline();
         Some(if expiry >= now {
             (expiry - now).as_secs() as i64
         } else {
@@ -301,15 +306,7 @@ impl PrimaryLessor {
     /// without a timer (not primary) go last, in ID order.
     pub fn sort_by_expiry(&self, ids: &mut [i64]) {
         let inner = self.lock();
-        ids.sort_by_key(|id| {
-            (
-                inner
-                    .leases
-                    .get(id)
-                    .map(|t| t.revoke_since.unwrap_or(t.expiry)),
-                *id,
-            )
-        });
+        ids.sort_by_key(|id| (inner.leases.get(id).map(Timing::deadline), *id));
         // `None` sorts first in Option's order; move the untimed to the end instead.
         let timed = ids
             .iter()
@@ -526,14 +523,11 @@ pub async fn run(api: Arc<Api>, lessor: Arc<PrimaryLessor>, mut stop: watch::Rec
                 // A leader cut off from the others (or frozen) may not know yet that
                 // another member leads and renews this lease; its revoke would reach the
                 // new leader (followers forward proposals) and delete a lease the client
-                // was just told lives on. Prove leadership first (etcd's
-                // `ensureLeadership`), and in the very term whose table found the lease
-                // expired: a member that lost leadership and won it back meanwhile
-                // starts that term with a fresh table, and the stale verdict is void.
-                if api.log.read_barrier().await.is_err()
-                    || !api.log.is_leader()
-                    || api.log.status().term != table_term
-                {
+                // was just told lives on. Prove leadership first, and in the very term
+                // whose table found the lease expired: a member that lost leadership and
+                // won it back meanwhile starts that term with a fresh table, and the
+                // stale verdict is void.
+                if !api.ensure_leadership(Some(table_term)).await {
                     return;
                 }
                 match api

@@ -10,7 +10,6 @@ use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use crate::signal as watch;
 use metastore_core::{StateMachine, StateMachineConfig};
 use metastore_proto::etcdserverpb::cluster_server::ClusterServer;
 use metastore_proto::etcdserverpb::kv_server::KvServer;
@@ -29,6 +28,7 @@ use crate::membership::member_id;
 use crate::membership::Identity;
 use crate::raft::{RaftConfig, RaftNode};
 use crate::replication::{read_state, EventSink, Fanout, Replicator};
+use crate::signal as watch;
 use crate::storage::Engine;
 use crate::watch::WatchHub;
 

@@ -122,18 +122,23 @@ impl LeaseService {
 }
 
 impl Api {
+    /// etcd's `ensureLeadership` (3.5): a ReadIndex round proves this member still leads,
+    /// in `term` when given (the term whose lease table made a decision).
+    pub async fn ensure_leadership(&self, term: Option<u64>) -> bool {
+        self.log.read_barrier().await.is_ok()
+            && self.log.is_leader()
+            && term.is_none_or(|t| self.log.status().term == t)
+    }
+
     /// etcd's `LeaseRenew` on the leader: the lease's TTL after renewing, 0 when it does
     /// not exist or ran out (after its revoke has gone through, as etcd waits for it).
     pub async fn renew(&self, id: i64, forwarded: bool) -> Result<i64, Status> {
-        // etcd's `ensureLeadership` (3.5): a leader cut off from the others keeps believing
-        // it leads until its check-quorum tick, and a renewal it grants then is unknown to
-        // the new leader, which may revoke the lease before the TTL the client was told.
-        // A ReadIndex round first proves this member still leads; if it does not, the
-        // client hears "not leader" and moves on to another member. (Found by the
-        // simulation's lease check.)
-        if self.lessor.is_primary()
-            && (self.log.read_barrier().await.is_err() || !self.log.is_leader())
-        {
+        // A leader cut off from the others keeps believing it leads until its
+        // check-quorum tick, and a renewal it grants then is unknown to the new leader,
+        // which may revoke the lease before the TTL the client was told. If this member
+        // no longer leads, the client hears "not leader" and moves on to another member.
+        // (Found by the simulation's lease check.)
+        if self.lessor.is_primary() && !self.ensure_leadership(None).await {
             return Err(EtcdError::NotLeader.status());
         }
         match self.lessor.renew(id) {
