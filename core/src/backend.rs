@@ -75,12 +75,23 @@ pub enum BatchOp {
     },
 }
 
-/// Mutations applied atomically, in order. `sync` asks the engine to make the batch
-/// durable before `write` returns.
+/// Mutations applied atomically, in order.
+///
+/// Durability, weakest first: a *volatile* batch may be lost in a crash even when later
+/// batches survive (the engine keeps it out of its write-ahead log), until the next
+/// [`Backend::flush`]; a plain batch is logged and survives a crash exactly when a later
+/// synced batch or a flush made it durable (durability follows write order among logged
+/// batches); a `sync` batch (never volatile) is durable when `write` returns, and so is
+/// every logged batch before it. After a crash the engine holds a prefix of all batches
+/// (what it had flushed, when asked or on its own) followed by the logged batches after
+/// that prefix which had been made durable: never part of a batch.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WriteBatch {
     pub ops: Vec<BatchOp>,
     pub sync: bool,
+    /// Only for writes that can be redone after a crash (state applied from a raft log
+    /// that outlives them). Ignored when `sync` is set.
+    pub volatile: bool,
 }
 
 impl WriteBatch {
@@ -121,6 +132,10 @@ pub trait Backend: Send + Sync + 'static {
     ) -> Result<(), BackendError>;
     /// Applies the whole batch atomically.
     fn write(&self, batch: WriteBatch) -> Result<(), BackendError>;
+    /// Makes every earlier write durable, volatile ones included.
+    fn flush(&self) -> Result<(), BackendError> {
+        Ok(())
+    }
     /// Approximate bytes the engine occupies (etcd's `db_size`).
     fn size_bytes(&self) -> u64;
     /// Short engine name for status and logs ("memory", "rocksdb").
@@ -147,6 +162,9 @@ impl<B: Backend + ?Sized> Backend for Arc<B> {
     }
     fn write(&self, batch: WriteBatch) -> Result<(), BackendError> {
         (**self).write(batch)
+    }
+    fn flush(&self) -> Result<(), BackendError> {
+        (**self).flush()
     }
     fn size_bytes(&self) -> u64 {
         (**self).size_bytes()

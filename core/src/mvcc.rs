@@ -263,6 +263,8 @@ pub struct WriteTxn<'a> {
     ops: Vec<BatchOp>,
     /// Index state before each change, newest last, to roll back an aborted transaction.
     undo: Vec<(Vec<u8>, Option<Mark>)>,
+    /// Whether the watch events carry `prev_kv` (a read per overwritten key).
+    event_prev_kv: bool,
 }
 
 /// What a committed write transaction produced.
@@ -282,7 +284,15 @@ impl<'a> WriteTxn<'a> {
             pending: HashMap::new(),
             ops: Vec::new(),
             undo: Vec::new(),
+            event_prev_kv: true,
         }
+    }
+
+    /// Leaves `prev_kv` out of the watch events when `on` is false (nobody would read
+    /// it): saves loading the previous value of every overwritten key.
+    pub fn event_prev_kv(mut self, on: bool) -> Self {
+        self.event_prev_kv = on;
+        self
     }
 
     fn write_rev(&self) -> i64 {
@@ -382,12 +392,12 @@ impl<'a> WriteTxn<'a> {
 
     /// Watch events of this transaction. `prev_kv` is the key as of the revision before
     /// the transaction — what etcd's watch fetches at `mod_revision - 1` — and is left out
-    /// for a put that creates the key, as etcd leaves it out.
+    /// for a put that creates the key, as etcd leaves it out (and when not asked for).
     fn events(&self) -> Result<Vec<mvccpb::Event>> {
         let mut events = Vec::with_capacity(self.changes.len());
         for c in &self.changes {
             let is_create = !c.tombstone && c.kv.create_revision == c.kv.mod_revision;
-            let prev_kv = if is_create {
+            let prev_kv = if is_create || !self.event_prev_kv {
                 None
             } else {
                 match self.store.index.get(&c.kv.key, self.begin_rev) {

@@ -5,6 +5,9 @@
 //! let a failed request write anything but the applied index, never apply an entry twice,
 //! and never depend on anything but the entries applied so far.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use metastore_proto::etcdserverpb as pb;
 use metastore_proto::metastore::internal_request::Request;
 use metastore_proto::metastore::{InternalRequest, LeaseGrant};
@@ -35,11 +38,19 @@ pub struct StateMachineConfig {
     /// etcd's `--max-txn-ops` (128). Enforced by `validate::txn` before proposing, never at
     /// apply: members with different flags must still apply the same log identically.
     pub max_txn_ops: usize,
+    /// When given, the events of an applied write carry `prev_kv` only while this is
+    /// true: the member's watch hub sets it while some watcher wants `prev_kv`, and sets
+    /// it under the state machine's read lock, so no apply races a new watcher. Events
+    /// are member-local, so members may differ here and still apply identically.
+    pub event_prev_kv: Option<Arc<AtomicBool>>,
 }
 
 impl Default for StateMachineConfig {
     fn default() -> Self {
-        Self { max_txn_ops: 128 }
+        Self {
+            max_txn_ops: 128,
+            event_prev_kv: None,
+        }
     }
 }
 
@@ -259,7 +270,7 @@ impl StateMachine {
     fn finish_without_changes(&mut self, index: u64, result: Result<ApplyResponse>) -> Applied {
         let batch = WriteBatch {
             ops: vec![Self::index_op(index)],
-            sync: false,
+            ..Default::default()
         };
         match self.backend.write(batch) {
             Ok(()) => {
@@ -270,6 +281,14 @@ impl StateMachine {
         }
     }
 
+    /// Whether events should carry `prev_kv` now (see `StateMachineConfig`).
+    fn event_prev_kv(&self) -> bool {
+        self.config
+            .event_prev_kv
+            .as_ref()
+            .is_none_or(|on| on.load(Ordering::SeqCst))
+    }
+
     /// Runs `f` in a write transaction; its changes and the applied index go to the
     /// backend in one batch, or, if `f` fails, only the applied index does.
     fn apply_write(
@@ -277,7 +296,8 @@ impl StateMachine {
         index: u64,
         f: impl FnOnce(&mut WriteTxn<'_>) -> Result<ApplyResponse>,
     ) -> Applied {
-        let mut w = WriteTxn::begin(&mut self.store, &*self.backend);
+        let prev_kv = self.event_prev_kv();
+        let mut w = WriteTxn::begin(&mut self.store, &*self.backend).event_prev_kv(prev_kv);
         match f(&mut w) {
             Ok(resp) => match w.commit(vec![Self::index_op(index)]) {
                 Ok(committed) => {
@@ -430,7 +450,8 @@ impl StateMachine {
             Some(lease) => lease.keys.iter().cloned().collect(),
             None => return self.finish_without_changes(index, Err(Error::LeaseNotFound)),
         };
-        let mut w = WriteTxn::begin(&mut self.store, &*self.backend);
+        let prev_kv = self.event_prev_kv();
+        let mut w = WriteTxn::begin(&mut self.store, &*self.backend).event_prev_kv(prev_kv);
         for key in &keys {
             if let Err(e) = w.delete_range(key, None) {
                 w.abort();

@@ -71,7 +71,7 @@ pub struct Flags {
     /// [default: http://localhost:2379, or the listen client URLs when those are set].
     #[arg(long, env = "ETCD_ADVERTISE_CLIENT_URLS", value_name = "URLS")]
     pub advertise_client_urls: Option<String>,
-    /// List of URLs to listen on for peer traffic (accepted; peers arrive with Raft).
+    /// List of URLs to listen on for peer (raft) traffic.
     #[arg(long, env = "ETCD_LISTEN_PEER_URLS", value_name = "URLS",
           default_value = DEFAULT_LISTEN_PEER_URLS)]
     pub listen_peer_urls: String,

@@ -20,6 +20,8 @@ pub mod raft;
 #[cfg(not(madsim))]
 pub mod recv_limit;
 pub mod replication;
+#[cfg(not(madsim))]
+pub mod require_leader;
 pub mod server;
 pub mod signal;
 pub mod status;

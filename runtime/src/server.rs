@@ -128,10 +128,12 @@ pub async fn start_with(config: Config, injected: Injected) -> Result<RunningSer
             error: e.0,
         })?,
     };
+    let hub = WatchHub::new();
     let sm = StateMachine::open(
-        engine.boxed(),
+        engine.for_state_machine(),
         StateMachineConfig {
             max_txn_ops: config.max_txn_ops,
+            event_prev_kv: Some(hub.event_prev_kv()),
         },
     )
     .map_err(|e| StartError::State(e.to_string()))?;
@@ -171,7 +173,6 @@ pub async fn start_with(config: Config, injected: Injected) -> Result<RunningSer
             ..Default::default()
         },
     };
-    let hub = WatchHub::new();
     let lessor = Arc::new(PrimaryLessor::new(LessorConfig {
         extend: config.election_timeout,
         revoke_rate: config.lease_revoke_rate,
@@ -236,6 +237,16 @@ pub async fn start_with(config: Config, injected: Injected) -> Result<RunningSer
         );
         servers.push(tokio::spawn(serve(listener, router, stop_rx.clone())));
     }
+    #[cfg(not(madsim))]
+    let leader_monitor = {
+        let (monitor, task) = crate::require_leader::LeaderMonitor::spawn(
+            log.clone() as Arc<dyn Replicator>,
+            config.election_timeout,
+            stop_rx.clone(),
+        );
+        servers.push(task);
+        monitor
+    };
     for (url, local, listener) in listeners {
         tracing::info!(address = %local, url = %url, "serving client traffic");
         let watch = WatchService::new(
@@ -248,7 +259,11 @@ pub async fn start_with(config: Config, injected: Injected) -> Result<RunningSer
             listener,
             api.clone(),
             watch,
-            config.grpc_max_recv_bytes(),
+            ClientLimits {
+                max_recv: config.grpc_max_recv_bytes(),
+                #[cfg(not(madsim))]
+                leader: leader_monitor.clone(),
+            },
             stop_rx.clone(),
         )));
     }
@@ -385,20 +400,33 @@ async fn serve(
     }
 }
 
-/// Serves the client services on one listener, behind grpc-go's receive limit (see
-/// `recv_limit`), until `stop` turns true.
+/// What every client request passes before a service sees it.
+struct ClientLimits {
+    /// grpc-go's receive limit (see `recv_limit`).
+    max_recv: usize,
+    /// etcd's require-leader check (see `require_leader`).
+    #[cfg(not(madsim))]
+    leader: crate::require_leader::LeaderMonitor,
+}
+
+/// Serves the client services on one listener, behind grpc-go's receive limit and etcd's
+/// require-leader check, until `stop` turns true.
 #[cfg(not(madsim))]
 async fn serve_clients(
     listener: Listener,
     api: Arc<Api>,
     watch: WatchService,
-    max_recv: usize,
+    limits: ClientLimits,
     mut stop: watch::Receiver<bool>,
 ) {
     use tonic::transport::server::TcpIncoming;
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let builder =
-        tonic::transport::Server::builder().layer(crate::recv_limit::RecvLimitLayer::new(max_recv));
+    let max_recv = limits.max_recv;
+    let builder = tonic::transport::Server::builder()
+        .layer(crate::recv_limit::RecvLimitLayer::new(max_recv))
+        .layer(crate::require_leader::RequireLeaderLayer::new(
+            limits.leader,
+        ));
     let result = services(builder, api, watch, max_recv)
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = stop.wait_for(|s| *s).await;
@@ -440,16 +468,22 @@ async fn serve(
     }
 }
 
-/// Under madsim the receive limit is tonic's own (the layer needs real bodies).
+/// Under madsim the receive limit is tonic's own and there is no require-leader check
+/// (both layers need real HTTP bodies, which madsim's tonic does not have).
 #[cfg(madsim)]
 async fn serve_clients(
     addr: Listener,
     api: Arc<Api>,
     watch: WatchService,
-    max_recv: usize,
+    limits: ClientLimits,
     stop: watch::Receiver<bool>,
 ) {
-    let router = services(tonic::transport::Server::builder(), api, watch, max_recv);
+    let router = services(
+        tonic::transport::Server::builder(),
+        api,
+        watch,
+        limits.max_recv,
+    );
     serve(addr, router, stop).await
 }
 

@@ -14,7 +14,7 @@
 //! decide what an event is: events come from core, whole.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use metastore_core::mvcc::{key_in_range, HistoryLimits};
@@ -263,6 +263,10 @@ struct Hub {
     next_auto: HashMap<u64, i64>,
     /// Watch IDs per stream.
     streams: HashMap<u64, BTreeSet<i64>>,
+    /// Watchers that want `prev_kv`, and the flag the state machine reads to decide
+    /// whether events carry it (`StateMachineConfig::event_prev_kv`).
+    prev_kv_watchers: usize,
+    event_prev_kv: Arc<AtomicBool>,
 }
 
 impl Hub {
@@ -293,8 +297,22 @@ impl Hub {
         }
     }
 
+    fn insert(&mut self, r: WatcherRef, w: Watcher) {
+        if w.spec.prev_kv {
+            self.prev_kv_watchers += 1;
+            self.event_prev_kv.store(true, Ordering::SeqCst);
+        }
+        self.watchers.insert(r, w);
+    }
+
     fn remove(&mut self, r: WatcherRef) -> Option<Watcher> {
         let w = self.watchers.remove(&r)?;
+        if w.spec.prev_kv {
+            self.prev_kv_watchers -= 1;
+            if self.prev_kv_watchers == 0 {
+                self.event_prev_kv.store(false, Ordering::SeqCst);
+            }
+        }
         if let Some(ids) = self.streams.get_mut(&r.0) {
             ids.remove(&r.1);
         }
@@ -342,6 +360,12 @@ impl WatchHub {
 
     fn lock(&self) -> MutexGuard<'_, Hub> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The flag for `StateMachineConfig::event_prev_kv`: true while some watcher of this
+    /// hub wants `prev_kv`.
+    pub fn event_prev_kv(&self) -> Arc<AtomicBool> {
+        self.lock().event_prev_kv.clone()
     }
 
     /// A new stream's queue.
@@ -442,7 +466,9 @@ impl WatchHub {
             stream.ready.wake();
         }
         hub.streams.entry(stream.id).or_default().insert(id);
-        hub.watchers.insert(
+        // Under the state machine's read lock (`sm`): every apply from now on sees the
+        // `prev_kv` demand this watcher may add.
+        hub.insert(
             r,
             Watcher {
                 spec,
@@ -850,11 +876,6 @@ mod tests {
     }
 
     fn run(ops: Vec<Op>, queue_bytes: usize, max_scanned: usize) -> Result<(), TestCaseError> {
-        let mut sm = StateMachine::open(
-            Box::new(MemoryBackend::default()),
-            StateMachineConfig::default(),
-        )
-        .unwrap();
         let hub = WatchHub::with_limits(HubLimits {
             queue_bytes,
             history: HistoryLimits {
@@ -862,6 +883,21 @@ mod tests {
                 max_bytes: 1 << 20,
             },
         });
+        // The member's state machine computes `prev_kv` only while the hub asks for it;
+        // the expected events come from a twin that always computes it.
+        let mut sm = StateMachine::open(
+            Box::new(MemoryBackend::default()),
+            StateMachineConfig {
+                event_prev_kv: Some(hub.event_prev_kv()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let mut twin = StateMachine::open(
+            Box::new(MemoryBackend::default()),
+            StateMachineConfig::default(),
+        )
+        .unwrap();
         let streams: Vec<Arc<StreamQueue>> = (0..3).map(|_| hub.open_stream()).collect();
         let mut received: Vec<Vec<pb::WatchResponse>> = vec![Vec::new(); 3];
         let mut watches: Vec<Watch> = Vec::new();
@@ -870,9 +906,10 @@ mod tests {
         let hidden = std::cell::Cell::new(false);
         let mut apply = |sm: &mut StateMachine, r: Request, emitted: &mut Vec<mvccpb::Event>| {
             idx += 1;
-            let a = sm.apply(idx, &env(r));
+            let a = sm.apply(idx, &env(r.clone()));
+            let full = twin.apply(idx, &env(r));
             if !a.events.is_empty() {
-                emitted.extend(a.events.clone());
+                emitted.extend(full.events);
                 if !hidden.get() {
                     hub.publish(a.events);
                 }

@@ -20,7 +20,7 @@ use metastore_runtime::storage::Engine;
 use pb::maintenance_client::MaintenanceClient;
 use tonic::transport::Channel;
 
-use crate::disk::SimDisk;
+use crate::disk::{CrashChoice, SimDisk};
 use crate::faults::FaultLog;
 
 pub const CLIENT_PORT: u16 = 2379;
@@ -357,13 +357,24 @@ impl SimCluster {
     pub fn crash(&mut self, i: usize) {
         let member = &mut self.members[i];
         self.handle.kill(member.node.id());
-        let pending = member.disk.unsynced_batches();
-        let keep = madsim::rand::thread_rng().gen_range(0..=pending);
-        let lost = member.disk.crash(keep);
+        let (pending, logged) = member.disk.at_risk();
+        let mut rng = madsim::rand::thread_rng();
+        // Half the crashes find no flush by the engine since the last durable point
+        // (every volatile write is lost); the others one at a seeded point.
+        let flushed = if rng.gen_bool(0.5) {
+            0
+        } else {
+            rng.gen_range(0..=pending)
+        };
+        let choice = CrashChoice {
+            flushed,
+            logged: rng.gen_range(0..=logged),
+        };
+        let lost = member.disk.crash(choice);
         member.down = true;
         member.paused = false;
         self.log.record(format!(
-            "crash {} (lost {lost} of {pending} unsynced batches)",
+            "crash {} (lost {lost} of {pending} batches not yet durable)",
             member.name
         ));
     }

@@ -366,9 +366,20 @@ impl Server {
 
     /// An `etcd-client` crate client connected to this server.
     pub async fn etcd_client(&self) -> etcd_client::Client {
+        self.etcd_client_with(false).await
+    }
+
+    /// An `etcd-client` crate client connected to this server that sends etcd's
+    /// "require leader" metadata with every call (clientv3's `WithRequireLeader`).
+    pub async fn etcd_client_requiring_leader(&self) -> etcd_client::Client {
+        self.etcd_client_with(true).await
+    }
+
+    async fn etcd_client_with(&self, require_leader: bool) -> etcd_client::Client {
         let opts = etcd_client::ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(5))
-            .with_timeout(crate::CALL_TIMEOUT);
+            .with_timeout(crate::CALL_TIMEOUT)
+            .with_require_leader(require_leader);
         match tokio::time::timeout(
             Duration::from_secs(10),
             etcd_client::Client::connect([self.url()], Some(opts)),

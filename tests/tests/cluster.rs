@@ -656,3 +656,86 @@ async fn no_quorum_answers_match_etcd() {
     })
     .await;
 }
+
+/// What an `etcd-client` error says, for comparing answers.
+fn grpc_error(e: etcd_client::Error) -> String {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => format!("{:?} {:?}", s.code(), s.message()),
+        other => format!("not a gRPC status: {other}"),
+    }
+}
+
+/// etcd's "require leader" metadata (clientv3's `WithRequireLeader`, etcd-client's
+/// `with_require_leader`): once a member has lost its leader, its open streams end with
+/// "no leader" (after three election timeouts without one) and new calls are refused at
+/// once, as on etcd.
+#[tokio::test(flavor = "multi_thread")]
+async fn require_leader_answers_match_etcd() {
+    test_bounded(LIMIT, async {
+        let mut answers = Vec::new();
+        for kind in [Kind::Etcd, kind()] {
+            let mut c = Cluster::start(kind, 3, FAST).await;
+            let leader = c.leader(Duration::from_secs(20)).await;
+            let survivor = (leader + 1) % 3;
+            let mut client = c.members[survivor].etcd_client_requiring_leader().await;
+            bounded("put with a leader", client.put("k", "v", None))
+                .await
+                .expect("put with a leader");
+            let mut events = bounded("watch", client.watch("k", None))
+                .await
+                .expect("watch with a leader");
+            let lease = bounded("grant", client.lease_grant(60, None))
+                .await
+                .expect("grant with a leader")
+                .id();
+            let (_keeper, mut renewals) = bounded("keep-alive", client.lease_keep_alive(lease))
+                .await
+                .expect("keep-alive stream with a leader");
+            for i in (0..3).filter(|i| *i != survivor) {
+                c.members[i].kill9();
+            }
+            let lost_at = Instant::now();
+            // The `created` response comes first.
+            let watch_end = loop {
+                match bounded("watch end", events.message()).await {
+                    Ok(Some(r)) if r.created() && r.events().is_empty() => continue,
+                    Ok(m) => break format!("ended without an error: {m:?}"),
+                    Err(e) => break grpc_error(e),
+                }
+            };
+            let watch_secs = lost_at.elapsed();
+            let renewals_end = match bounded("keep-alive end", renewals.message()).await {
+                Ok(m) => format!("ended without an error: {m:?}"),
+                Err(e) => grpc_error(e),
+            };
+            let asked_at = Instant::now();
+            let put = grpc_error(
+                bounded("put without a leader", client.put("k", "v2", None))
+                    .await
+                    .unwrap_err(),
+            );
+            let new_watch = match bounded("new watch", client.watch("k", None)).await {
+                Ok(_) => "accepted".to_string(),
+                Err(e) => grpc_error(e),
+            };
+            let refused_in = asked_at.elapsed();
+            // 500 ms election timeouts: the leader is gone after one or two, the streams
+            // end three checks later; refusals take no waiting at all.
+            assert!(
+                watch_secs < Duration::from_secs(8),
+                "{}: watch ended after {watch_secs:?}",
+                kind.label()
+            );
+            assert!(
+                refused_in < Duration::from_secs(1),
+                "{}: refusals took {refused_in:?}",
+                kind.label()
+            );
+            answers.push(format!(
+                "watch: {watch_end}\nkeep-alive: {renewals_end}\nput: {put}\nnew watch: {new_watch}"
+            ));
+        }
+        assert_eq!(answers[1], answers[0], "metastore (left: etcd)");
+    })
+    .await;
+}

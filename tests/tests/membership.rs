@@ -168,6 +168,21 @@ async fn members_are_listed_added_promoted_updated_and_removed_with_etcdctl() {
             .collect::<Vec<_>>()
             .join(",");
         m4.initial_cluster = Some(initial);
+        // Before it runs, the learner has none of the log: a promote is refused, also
+        // when sent to a follower (which asks the leader, as etcd does).
+        let learner_id = member_list(&c.members[leader])
+            .iter()
+            .find(|m| m.3)
+            .expect("the learner is listed")
+            .0;
+        let follower = (leader + 1) % 3;
+        let out = c.members[follower].etcdctl(&["member", "promote", &format!("{learner_id:x}")]);
+        assert!(
+            out.stderr.contains(
+                "etcdserver: can only promote a learner member which is in sync with leader"
+            ),
+            "{out:?}"
+        );
         m4.launch();
         let target = serializable_revision(&c.members[leader]).await.unwrap();
         eventually(
@@ -234,8 +249,10 @@ async fn members_are_listed_added_promoted_updated_and_removed_with_etcdctl() {
 
         // Promote it.
         let m4_hex = format!("{m4_id:x}");
+        assert_eq!(m4_id, learner_id);
+        // Through a follower: it forwards to the leader.
         eventually("member promote", Duration::from_secs(20), || {
-            let out = c.members[leader].etcdctl(&["member", "promote", &m4_hex]);
+            let out = c.members[follower].etcdctl(&["member", "promote", &m4_hex]);
             async move { out.success() && out.stdout.contains("promoted in cluster") }
         })
         .await;

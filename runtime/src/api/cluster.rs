@@ -11,13 +11,14 @@ use std::sync::Arc;
 
 use metastore_core::ApplyResponse;
 use metastore_proto::etcdserverpb as pb;
+use metastore_proto::etcdserverpb::cluster_client::ClusterClient;
 use metastore_proto::etcdserverpb::cluster_server::Cluster;
 use metastore_proto::metastore::internal_request::Request as Envelope;
 use metastore_proto::metastore::member_change::Change;
 use metastore_proto::metastore::MemberChange;
 use tonic::{Request, Response, Status};
 
-use super::Api;
+use super::{forward, Api};
 use crate::config::HttpUrl;
 use crate::error::{ClusterError, Error};
 use crate::status::EtcdError;
@@ -74,6 +75,36 @@ impl ClusterService {
             .await
             .map_err(Status::from)?;
         members_of(applied)
+    }
+}
+
+impl ClusterService {
+    /// Sends a MemberPromote on to the leader. Like etcd, tries again while the member it
+    /// reached turns out not to lead (an election in between), for a while.
+    async fn promote_on_leader(
+        &self,
+        id: u64,
+    ) -> Result<Response<pb::MemberPromoteResponse>, Status> {
+        let deadline = tokio::time::Instant::now() + forward::RETRY_FOR;
+        loop {
+            let mut client = ClusterClient::new(self.api.leader_channel().await?);
+            let mut ask = Request::new(pb::MemberPromoteRequest { id });
+            forward::mark(&mut ask);
+            match client.member_promote(ask).await {
+                Err(e)
+                    if e.message() == EtcdError::NotLeader.status().message()
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(e),
+                Ok(answer) => {
+                    let mut resp = answer.into_inner();
+                    self.api.fill(&mut resp.header);
+                    return Ok(Response::new(resp));
+                }
+            }
+        }
     }
 }
 
@@ -172,6 +203,7 @@ impl Cluster for ClusterService {
         request: Request<pb::MemberPromoteRequest>,
     ) -> Result<Response<pb::MemberPromoteResponse>, Status> {
         self.api.refuse_learner()?;
+        let forwarded = forward::is_forwarded(&request);
         let id = request.into_inner().id;
         match self.members()?.iter().find(|m| m.id == id) {
             None => return Err(Error::Core(metastore_core::Error::MemberNotFound).into()),
@@ -179,6 +211,14 @@ impl Cluster for ClusterService {
                 return Err(Error::Core(metastore_core::Error::MemberNotLearner).into())
             }
             Some(_) => {}
+        }
+        // Only the leader knows whether the learner's log has caught up: a member that
+        // does not lead asks the leader (etcd's `PromoteMember`).
+        if !self.api.log.is_leader() {
+            if forwarded {
+                return Err(EtcdError::NotLeader.status());
+            }
+            return self.promote_on_leader(id).await;
         }
         let members = self.change(Change::Promote(id)).await?;
         let mut resp = pb::MemberPromoteResponse {

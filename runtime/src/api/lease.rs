@@ -6,9 +6,7 @@
 //! assembled from the lease table (core) and the leader's timers (`lessor`). It must never
 //! change the lease table except through the log, and never decide expiry (the lessor's
 //! task does). Renewals and time-to-live are the leader's: a member that does not lead
-//! forwards them to the leader's client URL (etcd forwards over its peer HTTP API), once;
-//! a forwarded request that reaches a member that does not lead either is answered with
-//! etcd's "not leader", so a stale view of the leader can never make requests circle.
+//! forwards them to the leader (see `api::forward`).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -24,60 +22,13 @@ use metastore_proto::metastore::LeaseGrant;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::forward;
 use super::{mismatched, Api};
 use crate::error::Error;
 use crate::lessor::Renewal;
 use crate::status::EtcdError;
 
-/// Marks a renewal or time-to-live question forwarded by another member.
-const FORWARDED: &str = "metastore-forwarded";
-/// How long a member without a known leader waits for one before answering "no leader".
-const LEADER_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
-
-/// A channel to the current leader's client URL, kept while the leader stays the same.
-#[derive(Default)]
-pub struct LeaderLink {
-    cached: std::sync::Mutex<Option<(u64, tonic::transport::Channel)>>,
-}
-
 impl Api {
-    /// A Lease client to the current leader, waiting a little for one to be elected.
-    async fn leader_lease_client(&self) -> Result<LeaseClient<tonic::transport::Channel>, Status> {
-        // A member may know the leader before it knows the leader's client URL (published
-        // through the log after the election): wait a little for both.
-        let deadline = tokio::time::Instant::now() + LEADER_WAIT;
-        let (leader, url) = loop {
-            let leader = self.log.status().leader;
-            if leader == self.identity.member_id {
-                // Led here a moment ago but the lessor is not primary (yet or any more).
-                return Err(EtcdError::NotLeader.status());
-            }
-            if leader != 0 {
-                if let Some((id, channel)) = self.leader_link.cached.lock().unwrap().as_ref() {
-                    if *id == leader {
-                        return Ok(LeaseClient::new(channel.clone()));
-                    }
-                }
-                let url = self
-                    .read(|sm| sm.member(leader))?
-                    .and_then(|m| m.client_ur_ls.first().cloned());
-                if let Some(url) = url {
-                    break (leader, url);
-                }
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(EtcdError::NoLeader.status());
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        };
-        let channel = tonic::transport::Endpoint::from_shared(url)
-            .map_err(|_| EtcdError::NoLeader.status())?
-            .connect_timeout(std::time::Duration::from_secs(1))
-            .connect_lazy();
-        *self.leader_link.cached.lock().unwrap() = Some((leader, channel.clone()));
-        Ok(LeaseClient::new(channel))
-    }
-
     /// Whether this member's lessor is (or, having just won an election, soon becomes)
     /// the primary: the lessor task notices a new leadership within its poll interval.
     async fn settle_primary(&self) -> bool {
@@ -93,11 +44,9 @@ impl Api {
 
     /// Renews on the leader for a member that does not lead.
     async fn forward_renew(&self, id: i64) -> Result<i64, Status> {
-        let mut client = self.leader_lease_client().await?;
+        let mut client = LeaseClient::new(self.leader_channel().await?);
         let mut request = Request::new(futures::stream::iter([pb::LeaseKeepAliveRequest { id }]));
-        request
-            .metadata_mut()
-            .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+        forward::mark(&mut request);
         let mut answers = client.lease_keep_alive(request).await?.into_inner();
         match answers.message().await? {
             Some(answer) => Ok(answer.ttl),
@@ -238,7 +187,7 @@ impl Lease for LeaseService {
         &self,
         request: Request<Streaming<pb::LeaseKeepAliveRequest>>,
     ) -> Result<Response<KeepAliveStream>, Status> {
-        let forwarded = request.metadata().contains_key(FORWARDED);
+        let forwarded = forward::is_forwarded(&request);
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(KEEPALIVE_QUEUE);
         let api = self.api.clone();
@@ -281,7 +230,7 @@ impl Lease for LeaseService {
         &self,
         request: Request<pb::LeaseTimeToLiveRequest>,
     ) -> Result<Response<pb::LeaseTimeToLiveResponse>, Status> {
-        let forwarded = request.metadata().contains_key(FORWARDED);
+        let forwarded = forward::is_forwarded(&request);
         let r = request.into_inner();
         let lessor = self.api.lessor.clone();
         if !lessor.is_primary() && !self.api.settle_primary().await {
@@ -289,10 +238,9 @@ impl Lease for LeaseService {
             if forwarded {
                 return Err(EtcdError::NotLeader.status());
             }
-            let mut client = self.api.leader_lease_client().await?;
+            let mut client = LeaseClient::new(self.api.leader_channel().await?);
             let mut ask = Request::new(r);
-            ask.metadata_mut()
-                .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+            forward::mark(&mut ask);
             let mut resp = client.lease_time_to_live(ask).await?.into_inner();
             self.api.fill(&mut resp.header);
             return Ok(Response::new(resp));

@@ -25,6 +25,7 @@ use crate::status::EtcdError;
 use crate::storage::Engine;
 
 pub mod cluster;
+mod forward;
 pub mod kv;
 pub mod lease;
 pub mod maintenance;
@@ -62,7 +63,7 @@ pub struct Api {
     /// etcd's ID generator (`idutil.Generator`), for lease IDs the server chooses.
     next_request_id: AtomicU64,
     /// Where renewals and time-to-live questions go when another member leads.
-    pub leader_link: lease::LeaderLink,
+    pub leader_link: forward::LeaderLink,
     /// The engine size the quota check last saw, and when (ms since `started`): sizing
     /// an engine is not free (the memory engine walks every key), so writes share one
     /// reading per `SIZE_REFRESH`.
@@ -100,7 +101,7 @@ impl Api {
             min_lease_ttl: 2,
             next_request_id: AtomicU64::new(prefix | suffix),
             wall_clock,
-            leader_link: lease::LeaderLink::default(),
+            leader_link: forward::LeaderLink::default(),
             quota_size: AtomicU64::new(0),
             quota_size_at_ms: AtomicU64::new(u64::MAX),
             started: Instant::now(),

@@ -7,8 +7,12 @@
 //! snapshot install. It must never answer a proposer before its entry is committed and
 //! applied, never apply an entry twice or out of order (the state machine's applied index
 //! is the fence), never make applied state durable ahead of the commit index that covers
-//! it (a restart would find state raft does not know is committed), and never block on
-//! the network: messages go out through [`transport::Transport`]'s bounded queues.
+//! it (a restart would find state raft does not know is committed), never remove from the
+//! log an entry whose applied state is not yet durable (the state machine writes volatile
+//! batches, see `storage::Engine::for_state_machine`: a crash loses them and the log
+//! replays them, so log compaction, snapshot install and conf state writes flush the
+//! engine first), and never block on the network: messages go out through
+//! [`transport::Transport`]'s bounded queues.
 
 mod logger;
 pub mod storage;
@@ -230,6 +234,7 @@ impl RaftNode {
             stalled: Vec::new(),
             reads: Reads::default(),
             snapshot_count: config.snapshot_count,
+            compacted_at: applied,
             election_ticks: config.election_ticks as u64,
             ticks: 0,
             initial_peers,
@@ -394,6 +399,8 @@ struct Driver {
     stalled: Vec<(u64, Vec<u8>)>,
     reads: Reads,
     snapshot_count: u64,
+    /// The applied index at the last raft log compaction (or where this run started).
+    compacted_at: u64,
     election_ticks: u64,
     ticks: u64,
     /// Peer URLs from the flags, used until the member set is known from the state.
@@ -610,12 +617,24 @@ impl Driver {
         // before the apply below, so applied state is never durable ahead of the commit
         // index that covers it.
         let mut batch = WriteBatch::new();
+        // etcd's MustSync: entries, a term or a vote must be durable before anything that
+        // depends on them leaves; a commit index alone need not (raft learns it again),
+        // so a Ready that only moves it writes without waiting for the disk.
+        let previous = self.node.store().hard_state().clone();
+        let must_sync = !ready.entries().is_empty()
+            || ready
+                .hs()
+                .is_some_and(|hs| hs.term != previous.term || hs.vote != previous.vote);
         self.node.mut_store().append(ready.entries(), &mut batch)?;
         if let Some(hs) = ready.hs() {
             self.node.mut_store().set_hard_state(hs.clone(), &mut batch);
         }
         if !batch.is_empty() {
-            batch.sync = true;
+            batch.sync = must_sync;
+            // A commit index written alone may be lost like the applies after it; the
+            // applied state still never outlives it, since only a flush makes applies
+            // durable and a flush takes every earlier write along.
+            batch.volatile = !must_sync;
             self.engine.write(batch)?;
         }
         // What may only leave once the entries are durable (a follower's append
@@ -631,6 +650,8 @@ impl Driver {
         if let Some(commit) = light.commit_index() {
             let mut batch = WriteBatch::new();
             self.node.mut_store().set_commit(commit, &mut batch);
+            // Volatile, as above.
+            batch.volatile = true;
             self.engine.write(batch)?;
             self.publish_status();
         }
@@ -651,6 +672,10 @@ impl Driver {
             term = meta.term,
             "installing a snapshot"
         );
+        // The restore replaces the state wholesale with a synced write; what it replaces
+        // must not come back after a crash, so the volatile applies before it go to disk
+        // first.
+        self.engine.flush()?;
         {
             let mut sm = self.state.write().map_err(|_| Error::Stopped)?;
             sm.restore(meta.index, records)?;
@@ -758,6 +783,10 @@ impl Driver {
                 .store(sm.applied_index(), Ordering::SeqCst);
         }
         if !conf_batch.is_empty() {
+            // raft's configuration must never be durable ahead of the member records the
+            // same entries changed (volatile until flushed): a restart would replay a
+            // change raft already holds.
+            self.engine.flush()?;
             self.engine.write(conf_batch)?;
         }
         self.node.mut_store().set_applied(last);
@@ -942,19 +971,25 @@ impl Driver {
     }
 
     /// Compacts the raft log once `--snapshot-count` entries were applied since the last
-    /// compaction, keeping some entries for followers that lag a little.
+    /// compaction (etcd's snapshot trigger), keeping some entries for followers that lag
+    /// a little. Counting from the last compaction, not from the log's first entry,
+    /// keeps it to one compaction (and one engine flush) per `--snapshot-count` entries
+    /// even when fewer than that are kept.
     fn maybe_compact(&mut self) -> Result<()> {
         let applied = self.shared.applied_index.load(Ordering::SeqCst);
-        let store = self.node.store();
-        let first = store.first();
-        if applied < first || applied - first < self.snapshot_count {
+        if applied < self.compacted_at.saturating_add(self.snapshot_count) {
             return Ok(());
         }
+        self.compacted_at = applied;
+        let first = self.node.store().first();
         let keep = CATCH_UP_ENTRIES.min(self.snapshot_count);
         let to = applied.saturating_sub(keep);
         if to < first {
             return Ok(());
         }
+        // The entries up to `to` can no longer be replayed: their applied state must be
+        // durable first.
+        self.engine.flush()?;
         let mut batch = WriteBatch::new();
         self.node.mut_store().compact(to, &mut batch)?;
         self.engine.write(batch)?;
@@ -985,6 +1020,7 @@ mod tests {
     struct Counting {
         inner: Arc<MemoryBackend>,
         log_syncs: Arc<AtomicUsize>,
+        flushes: Arc<AtomicUsize>,
         fail: Arc<AtomicBool>,
     }
 
@@ -1016,6 +1052,10 @@ mod tests {
                 self.log_syncs.fetch_add(1, Ordering::SeqCst);
             }
             self.inner.write(batch)
+        }
+        fn flush(&self) -> std::result::Result<(), BackendError> {
+            self.flushes.fetch_add(1, Ordering::SeqCst);
+            Ok(())
         }
         fn size_bytes(&self) -> u64 {
             self.inner.size_bytes()
@@ -1229,6 +1269,9 @@ mod tests {
             })
             .unwrap();
         assert!(entries.len() <= 21, "{entries:?}");
+        // One compaction, and one engine flush, per 10 entries, not one per Ready.
+        let flushes = engine.flushes.load(Ordering::SeqCst);
+        assert!((2..=5).contains(&flushes), "{flushes} flushes");
         // The compacted log still restarts.
         let (state, node) = open(&engine);
         node.read_barrier().await.unwrap();

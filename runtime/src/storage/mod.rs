@@ -2,11 +2,11 @@
 //! engine it opened.
 //!
 //! This module owns opening, sizing and flushing engines. It must never interpret the
-//! bytes it stores (that is core's job for the key space and `log`'s for log entries), and
-//! it must keep two engine properties the rest of the runtime relies on: a `WriteBatch` is
-//! applied atomically, and writes become durable in the order they were made (a synced
-//! batch makes every earlier batch durable too), which is what lets the log trim entries
-//! in a later batch than the one that applied them.
+//! bytes it stores (that is core's job for the key space and `raft::storage`'s for the
+//! log), and it must keep the engine properties the rest of the runtime relies on (see
+//! `metastore_core::WriteBatch`): a batch is applied atomically; logged batches become
+//! durable in the order they were made (a synced batch makes every earlier logged batch
+//! durable too); a volatile batch is durable only after a flush.
 
 use std::sync::Arc;
 
@@ -24,8 +24,7 @@ pub enum Engine {
     #[cfg(feature = "rocksdb")]
     RocksDb(Arc<rocks::RocksBackend>),
     /// An engine the embedder opened and passes to [`crate::server::start_with`]
-    /// (the simulation's disk, which survives a simulated crash). `flush` syncs it with an
-    /// empty synced batch, which makes every earlier write durable (see above).
+    /// (the simulation's disk, which survives a simulated crash).
     Supplied(Arc<dyn Backend>),
 }
 
@@ -55,9 +54,14 @@ impl Engine {
         }
     }
 
-    /// A boxed handle for `StateMachine::open`, sharing the engine with the log.
-    pub fn boxed(&self) -> Box<dyn Backend> {
-        Box::new(self.backend())
+    /// The engine as `StateMachine::open` gets it, shared with the log: the batches the
+    /// state machine does not sync are written volatile, because every one of them
+    /// applies a raft log entry that is durable before it is applied and stays in the log
+    /// until a flush has made the applied state durable (`raft`'s module invariant), so
+    /// after a crash the log replays whatever was lost. It saves a WAL record per applied
+    /// entry.
+    pub fn for_state_machine(&self) -> Box<dyn Backend> {
+        Box::new(Replayed(self.backend()))
     }
 
     /// Bytes physically occupied (etcd's `db_size`).
@@ -75,23 +79,54 @@ impl Engine {
         }
     }
 
-    /// Makes every write so far durable (used at shutdown; apply batches are not synced
-    /// one by one because the log entry they come from already is).
+    /// Makes every write so far durable, volatile ones included (at shutdown, so a
+    /// clean restart replays nothing).
     pub fn flush(&self) -> Result<(), BackendError> {
-        match self {
-            Engine::Memory(_) => Ok(()),
-            #[cfg(feature = "rocksdb")]
-            Engine::RocksDb(r) => r.flush(),
-            Engine::Supplied(b) => {
-                let mut batch = metastore_core::WriteBatch::new();
-                batch.sync = true;
-                b.write(batch)
-            }
-        }
+        self.backend().flush()
     }
 
     pub fn name(&self) -> &'static str {
         self.backend().engine_name()
+    }
+}
+
+/// See [`Engine::for_state_machine`].
+struct Replayed(Arc<dyn Backend>);
+
+impl Backend for Replayed {
+    fn get(
+        &self,
+        bucket: metastore_core::Bucket,
+        key: &[u8],
+    ) -> Result<Option<Vec<u8>>, BackendError> {
+        self.0.get(bucket, key)
+    }
+
+    fn scan(
+        &self,
+        bucket: metastore_core::Bucket,
+        start: &[u8],
+        end: Option<&[u8]>,
+        visit: &mut metastore_core::backend::ScanVisitor<'_>,
+    ) -> Result<(), BackendError> {
+        self.0.scan(bucket, start, end, visit)
+    }
+
+    fn write(&self, mut batch: metastore_core::WriteBatch) -> Result<(), BackendError> {
+        batch.volatile = !batch.sync;
+        self.0.write(batch)
+    }
+
+    fn flush(&self) -> Result<(), BackendError> {
+        self.0.flush()
+    }
+
+    fn size_bytes(&self) -> u64 {
+        self.0.size_bytes()
+    }
+
+    fn engine_name(&self) -> &'static str {
+        self.0.engine_name()
     }
 }
 

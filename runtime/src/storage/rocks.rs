@@ -31,6 +31,10 @@ impl RocksBackend {
         // Recover to the last consistent point after a crash: a torn WAL tail holds only
         // writes that were never acknowledged (acknowledged ones were synced).
         opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::PointInTime);
+        // Volatile batches (state applied from the raft log) skip the WAL and reach disk
+        // only when memtables are flushed. A batch spans column families, so every flush
+        // must take all of them at once, or a crash could keep half a batch.
+        opts.set_atomic_flush(true);
         let cfs = Bucket::ALL
             .iter()
             .map(|b| ColumnFamilyDescriptor::new(b.name(), Options::default()));
@@ -63,11 +67,6 @@ impl RocksBackend {
     pub fn size_in_use(&self) -> u64 {
         self.sum_property("rocksdb.live-sst-files-size")
             + self.sum_property("rocksdb.cur-size-all-mem-tables")
-    }
-
-    /// Syncs the write-ahead log, making every earlier write durable.
-    pub fn flush(&self) -> Result<(), BackendError> {
-        self.db.flush_wal(true).map_err(|e| err("flush wal", e))
     }
 }
 
@@ -120,7 +119,23 @@ impl Backend for RocksBackend {
         }
         let mut opts = WriteOptions::default();
         opts.set_sync(batch.sync);
+        opts.disable_wal(batch.volatile && !batch.sync);
         self.db.write_opt(wb, &opts).map_err(|e| err("write", e))
+    }
+
+    /// Writes the memtables of every column family out (atomically, see `open`), which
+    /// makes volatile batches durable, then syncs the WAL for the logged ones.
+    fn flush(&self) -> Result<(), BackendError> {
+        let cfs: Vec<&ColumnFamily> = Bucket::ALL
+            .iter()
+            .map(|b| self.cf(*b))
+            .collect::<Result<_, _>>()?;
+        let mut opts = rocksdb::FlushOptions::default();
+        opts.set_wait(true);
+        self.db
+            .flush_cfs_opt(&cfs, &opts)
+            .map_err(|e| err("flush", e))?;
+        self.db.flush_wal(true).map_err(|e| err("flush wal", e))
     }
 
     fn size_bytes(&self) -> u64 {
