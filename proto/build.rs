@@ -25,6 +25,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .skip_protoc_run()
         .generate_default_stubs(true)
         .emit_rerun_if_changed(false)
+        // A watch event reaches every matching watcher: with `Bytes` its key and value
+        // are shared, not copied, per watcher.
+        .bytes([".mvccpb.KeyValue"])
         .compile_protos(PROTOS, &["proto"])?;
     Ok(())
 }

@@ -257,7 +257,7 @@ fn compare_kv(c: &pb::Compare, kv: &mvccpb::KeyValue) -> bool {
                 Some(TargetUnion::Value(v)) => v,
                 _ => &[],
             };
-            kv.value.as_slice().cmp(want)
+            kv.value.as_ref().cmp(want)
         }
         Ok(CompareTarget::Create) => int(
             kv.create_revision,

@@ -82,9 +82,9 @@ impl Store {
                 index.restore(&kv.key, rev, tombstone, kv.create_revision, kv.version)?;
                 current_rev = rev.main;
                 if tombstone || kv.lease == 0 {
-                    key_lease.remove(&kv.key);
+                    key_lease.remove(kv.key.as_ref());
                 } else {
-                    key_lease.insert(kv.key, kv.lease);
+                    key_lease.insert(kv.key.to_vec(), kv.lease);
                 }
                 Ok(())
             })();
@@ -318,7 +318,7 @@ impl<'a> WriteTxn<'a> {
         let idx_rev = Revision::new(self.write_rev(), self.changes.len() as i64);
         // The stored tombstone holds only the key, as in etcd.
         let stored = mvccpb::KeyValue {
-            key: key.to_vec(),
+            key: key.to_vec().into(),
             ..Default::default()
         };
         self.remember(key);
@@ -330,7 +330,7 @@ impl<'a> WriteTxn<'a> {
         });
         self.changes.push(Change {
             kv: mvccpb::KeyValue {
-                key: key.to_vec(),
+                key: key.to_vec().into(),
                 mod_revision: idx_rev.main,
                 ..Default::default()
             },
@@ -451,11 +451,11 @@ impl KvTxn for WriteTxn<'_> {
         };
         let idx_rev = Revision::new(rev, self.changes.len() as i64);
         let kv = mvccpb::KeyValue {
-            key: key.to_vec(),
+            key: key.to_vec().into(),
             create_revision: created,
             mod_revision: rev,
             version: version + 1,
-            value: value.to_vec(),
+            value: value.to_vec().into(),
             lease,
         };
         self.remember(key);

@@ -81,7 +81,7 @@ impl H {
             .unwrap()
             .kvs
             .into_iter()
-            .map(|kv| (kv.key, kv.lease))
+            .map(|kv| (kv.key.to_vec(), kv.lease))
             .collect()
     }
     fn lease_bucket_len(&self) -> usize {
@@ -358,7 +358,7 @@ proptest! {
                     prop_assert_eq!(h.sm.current_revision(), rev + bump);
                     if existed {
                         let mut evs: Vec<Vec<u8>> = a.events.iter()
-                            .map(|e| e.kv.as_ref().unwrap().key.clone()).collect();
+                            .map(|e| e.kv.as_ref().unwrap().key.to_vec()).collect();
                         evs.sort();
                         prop_assert_eq!(evs, attached);
                     }

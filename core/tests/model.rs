@@ -154,10 +154,10 @@ impl Model {
         let value = if p.ignore_value {
             prev.as_ref().map(|k| k.value.clone()).unwrap_or_default()
         } else {
-            p.value.clone()
+            p.value.clone().into()
         };
         let kv = KeyValue {
-            key: p.key.clone(),
+            key: p.key.clone().into(),
             create_revision: prev.as_ref().map_or(rev, |k| k.create_revision),
             mod_revision: rev,
             version: prev.as_ref().map_or(0, |k| k.version) + 1,
@@ -324,18 +324,18 @@ impl Model {
 
 fn target_of(kv: &KeyValue, target: i32) -> (i64, Vec<u8>) {
     match target {
-        0 => (0, kv.key.clone()),
+        0 => (0, kv.key.to_vec()),
         1 => (kv.version, vec![]),
         2 => (kv.create_revision, vec![]),
         3 => (kv.mod_revision, vec![]),
-        _ => (0, kv.value.clone()),
+        _ => (0, kv.value.to_vec()),
     }
 }
 
 fn compare(c: &pb::Compare, kv: &KeyValue) -> bool {
     use std::cmp::Ordering;
     let ord = match (CompareTarget::try_from(c.target).unwrap(), &c.target_union) {
-        (CompareTarget::Value, Some(TargetUnion::Value(v))) => kv.value.cmp(v),
+        (CompareTarget::Value, Some(TargetUnion::Value(v))) => kv.value.as_ref().cmp(&v[..]),
         (CompareTarget::Version, Some(TargetUnion::Version(v))) => kv.version.cmp(v),
         (CompareTarget::Create, Some(TargetUnion::CreateRevision(v))) => kv.create_revision.cmp(v),
         (CompareTarget::Mod, Some(TargetUnion::ModRevision(v))) => kv.mod_revision.cmp(v),

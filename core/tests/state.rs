@@ -80,7 +80,7 @@ impl H {
             .unwrap()
             .kvs
             .iter()
-            .map(|kv| String::from_utf8(kv.key.clone()).unwrap())
+            .map(|kv| String::from_utf8(kv.key.to_vec()).unwrap())
             .collect()
     }
 }
@@ -95,8 +95,8 @@ fn rr(k: &str, end: &str) -> pb::RangeRequest {
 
 fn kv(k: &str, v: &str, create: i64, modr: i64, ver: i64) -> mvccpb::KeyValue {
     mvccpb::KeyValue {
-        key: k.into(),
-        value: v.into(),
+        key: k.to_string().into(),
+        value: v.to_string().into(),
         create_revision: create,
         mod_revision: modr,
         version: ver,
@@ -317,7 +317,7 @@ fn ignore_value_and_lease_errors_write_nothing() {
             ..Default::default()
         })
         .unwrap();
-    assert_eq!(p.prev_kv.unwrap().value, b"1");
+    assert_eq!(p.prev_kv.unwrap().value, &b"1"[..]);
     assert_eq!(h.get(rr("a", "")).unwrap().kvs, vec![kv("a", "1", 2, 3, 2)]);
 }
 
@@ -837,7 +837,7 @@ fn events() {
     assert_eq!(
         a.events[0].kv,
         Some(mvccpb::KeyValue {
-            key: b"a".to_vec(),
+            key: b"a".to_vec().into(),
             mod_revision: 4,
             ..Default::default()
         })
@@ -881,7 +881,7 @@ fn apply_is_idempotent_and_envelope_kinds() {
     // A range through the log.
     let a = h.apply(Request::Range(rr("a", "")));
     match a.result.unwrap() {
-        ApplyResponse::Range(r) => assert_eq!(r.kvs[0].value, b"2"),
+        ApplyResponse::Range(r) => assert_eq!(r.kvs[0].value, &b"2"[..]),
         other => panic!("{other:?}"),
     }
     // Reopen: applied index and state persisted.

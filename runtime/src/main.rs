@@ -15,6 +15,13 @@ fn main() {
 #[cfg(not(madsim))]
 use std::process::ExitCode;
 
+/// mimalloc rather than glibc's malloc: the server allocates small buffers on one thread
+/// (apply, watch fan-out) that gRPC frees on another, which glibc's arenas handle poorly
+/// (see docs/benchmarks.md).
+#[cfg(not(madsim))]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[cfg(not(madsim))]
 use clap::Parser;
 #[cfg(not(madsim))]

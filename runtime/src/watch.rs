@@ -704,7 +704,7 @@ impl EventSink for WatchHub {
         let mut targets: Vec<WatcherRef> = Vec::new();
         for e in &events {
             let Some(kv) = &e.kv else { continue };
-            if let Some(set) = hub.by_key.get(&kv.key) {
+            if let Some(set) = hub.by_key.get(kv.key.as_ref()) {
                 targets.extend(set.iter().copied());
             }
         }
@@ -1215,8 +1215,8 @@ mod tests {
     fn fragments_split_like_etcd() {
         let ev = |n: usize| mvccpb::Event {
             kv: Some(mvccpb::KeyValue {
-                key: b"k".to_vec(),
-                value: vec![b'x'; n],
+                key: b"k".to_vec().into(),
+                value: vec![b'x'; n].into(),
                 ..Default::default()
             }),
             ..Default::default()

@@ -46,7 +46,7 @@ async fn kv_round_trip_with_etcd_headers() {
 
     let resp = kv.range(get("foo")).await.unwrap().into_inner();
     assert_eq!(resp.kvs.len(), 1);
-    assert_eq!(resp.kvs[0].value, b"bar");
+    assert_eq!(resp.kvs[0].value, &b"bar"[..]);
     assert_eq!(resp.header.unwrap().revision, 2);
 
     let serializable = pb::RangeRequest {
@@ -54,7 +54,7 @@ async fn kv_round_trip_with_etcd_headers() {
         ..get("foo")
     };
     let resp = kv.range(serializable).await.unwrap().into_inner();
-    assert_eq!(resp.kvs[0].value, b"bar");
+    assert_eq!(resp.kvs[0].value, &b"bar"[..]);
 
     // A read-only txn is served locally and does not bump the revision.
     let txn = pb::TxnRequest {
@@ -314,7 +314,7 @@ async fn rocksdb_member_keeps_acknowledged_writes_across_restart() {
     let (server, channel) = start(config()).await;
     let mut kv = KvClient::new(channel.clone());
     let resp = kv.range(get("key19")).await.unwrap().into_inner();
-    assert_eq!(resp.kvs[0].value, b"value19");
+    assert_eq!(resp.kvs[0].value, &b"value19"[..]);
     let h = resp.header.unwrap();
     assert_eq!(h.revision, 21);
     // Every start is a new term, as every etcd restart is a new election.

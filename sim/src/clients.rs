@@ -192,7 +192,7 @@ fn header_revision(header: &Option<pb::ResponseHeader>) -> Result<i64, tonic::St
 
 fn versioned(kvs: &[mvccpb::KeyValue]) -> Option<Versioned> {
     kvs.first().map(|kv| Versioned {
-        value: kv.value.clone(),
+        value: kv.value.to_vec(),
         mod_revision: kv.mod_revision,
     })
 }
@@ -448,12 +448,12 @@ async fn watch_stream(
             .map(|e| {
                 let kv = e.kv.clone().unwrap_or_default();
                 WatchedEvent {
-                    key: kv.key,
+                    key: kv.key.to_vec(),
                     deleted: e.r#type == mvccpb::event::EventType::Delete as i32,
                     revision: kv.mod_revision,
-                    value: kv.value,
+                    value: kv.value.to_vec(),
                     prev: e.prev_kv.as_ref().map(|p| Versioned {
-                        value: p.value.clone(),
+                        value: p.value.to_vec(),
                         mod_revision: p.mod_revision,
                     }),
                 }

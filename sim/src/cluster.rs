@@ -555,7 +555,10 @@ impl SimCluster {
                 .ok()?
                 .into_inner();
             let revision = r.header?.revision;
-            Some((r.kvs.into_iter().map(|kv| kv.key).collect(), revision))
+            Some((
+                r.kvs.into_iter().map(|kv| kv.key.to_vec()).collect(),
+                revision,
+            ))
         })
         .await
     }

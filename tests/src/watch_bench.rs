@@ -201,7 +201,7 @@ pub async fn run_watch(cfg: &WatchBenchConfig) -> Result<WatchBenchReport> {
                 }
                 let now = base.elapsed().as_micros() as u64;
                 for e in &r.events {
-                    let v = &e.kv.as_ref().map(|kv| kv.value.as_slice()).unwrap_or(&[]);
+                    let v = &e.kv.as_ref().map(|kv| kv.value.as_ref()).unwrap_or(&[]);
                     if v.len() >= 8 {
                         let sent = u64::from_be_bytes(v[..8].try_into().unwrap());
                         hist.saturating_record(now.saturating_sub(sent).max(1));

@@ -54,8 +54,8 @@ async fn read_on(
         .into_iter()
         .map(|kv| {
             (
-                String::from_utf8(kv.key).unwrap(),
-                String::from_utf8(kv.value).unwrap(),
+                String::from_utf8(kv.key.to_vec()).unwrap(),
+                String::from_utf8(kv.value.to_vec()).unwrap(),
                 kv.mod_revision,
             )
         })
@@ -274,7 +274,7 @@ async fn without_a_quorum_writes_and_linearizable_reads_time_out_serializable_re
         .await
         .unwrap()
         .into_inner();
-        assert_eq!(r.kvs[0].value, b"v");
+        assert_eq!(r.kvs[0].value, &b"v"[..]);
         // Status reports the lost leader.
         let s = m
             .maintenance()
@@ -504,7 +504,7 @@ async fn watchers_on_followers_survive_a_leader_change_and_resume_elsewhere() {
             };
             for e in resp.events {
                 let kv = e.kv.unwrap();
-                seen.push((kv.mod_revision, String::from_utf8(kv.key).unwrap()));
+                seen.push((kv.mod_revision, String::from_utf8(kv.key.to_vec()).unwrap()));
             }
         }
         seen

@@ -36,8 +36,13 @@ async fn read_all(s: &Server, prefix: &str) -> (BTreeMap<Vec<u8>, (i64, i64, i64
         .into_iter()
         .map(|kv| {
             (
-                kv.key,
-                (kv.create_revision, kv.mod_revision, kv.version, kv.value),
+                kv.key.to_vec(),
+                (
+                    kv.create_revision,
+                    kv.mod_revision,
+                    kv.version,
+                    kv.value.to_vec(),
+                ),
             )
         })
         .collect();

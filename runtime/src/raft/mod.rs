@@ -34,7 +34,7 @@ use protobuf::Message as _;
 use raft::eraftpb::{
     ConfChange, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, Message, Snapshot,
 };
-use raft::{RawNode, SnapshotStatus, StateRole};
+use raft::{RawNode, Ready, SnapshotStatus, StateRole};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::signal as watch;
@@ -447,21 +447,31 @@ async fn run(mut driver: Driver, mut inbox: mpsc::Receiver<Input>, heartbeat: Du
             }
         }
         if driver.node.has_ready() {
-            let done = blocking(move || {
-                let result = driver.on_ready();
-                (driver, result)
-            })
-            .await;
-            match done {
-                Ok((d, Ok(()))) => driver = d,
-                Ok((_, Err(e))) => {
-                    shared.fail(e.to_string());
-                    break;
+            let ready = driver.node.ready();
+            let result = if needs_disk(&ready) {
+                let done = blocking(move || {
+                    let result = driver.on_ready(ready).and_then(|()| driver.maybe_compact());
+                    (driver, result)
+                })
+                .await;
+                match done {
+                    Ok((d, result)) => {
+                        driver = d;
+                        result
+                    }
+                    Err(why) => {
+                        shared.fail(format!("raft loop panicked: {why}"));
+                        break;
+                    }
                 }
-                Err(why) => {
-                    shared.fail(format!("raft loop panicked: {why}"));
-                    break;
-                }
+            } else {
+                // Messages and read states only (heartbeats, ReadIndex rounds): nothing
+                // waits on the disk, so no hand-off to a blocking thread and back.
+                driver.on_ready(ready)
+            };
+            if let Err(e) = result {
+                shared.fail(e.to_string());
+                break;
             }
         }
         if closing.is_some() {
@@ -487,6 +497,15 @@ async fn run(mut driver: Driver, mut inbox: mpsc::Receiver<Input>, heartbeat: Du
     if let Some(ack) = closing {
         let _ = ack.send(());
     }
+}
+
+/// Whether handling `ready` writes to the engine (entries, hard state, snapshot, the
+/// apply of committed entries), so it belongs on a blocking thread.
+fn needs_disk(ready: &Ready) -> bool {
+    !ready.entries().is_empty()
+        || ready.hs().is_some()
+        || !ready.snapshot().is_empty()
+        || !ready.committed_entries().is_empty()
 }
 
 impl Driver {
@@ -604,8 +623,7 @@ impl Driver {
             .store(raft.raft_log.committed, Ordering::SeqCst);
     }
 
-    fn on_ready(&mut self) -> Result<()> {
-        let mut ready = self.node.ready();
+    fn on_ready(&mut self, mut ready: Ready) -> Result<()> {
         // A leader may send before persisting (raft's thesis, 10.2.1).
         self.transport.send(ready.take_messages());
 
@@ -659,7 +677,6 @@ impl Driver {
         self.apply(light.take_committed_entries())?;
         self.node.advance_apply();
         self.release_reads();
-        self.maybe_compact()?;
         self.publish_status();
         Ok(())
     }
