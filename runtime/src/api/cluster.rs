@@ -76,9 +76,7 @@ impl ClusterService {
             .map_err(Status::from)?;
         members_of(applied)
     }
-}
 
-impl ClusterService {
     /// Sends a MemberPromote on to the leader. Like etcd, tries again while the member it
     /// reached turns out not to lead (an election in between), for a while.
     async fn promote_on_leader(
