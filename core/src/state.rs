@@ -5,9 +5,6 @@
 //! let a failed request write anything but the applied index, never apply an entry twice,
 //! and never depend on anything but the entries applied so far.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-
 use metastore_proto::etcdserverpb as pb;
 use metastore_proto::metastore::internal_request::Request;
 use metastore_proto::metastore::{InternalRequest, LeaseGrant};
@@ -38,19 +35,11 @@ pub struct StateMachineConfig {
     /// etcd's `--max-txn-ops` (128). Enforced by `validate::txn` before proposing, never at
     /// apply: members with different flags must still apply the same log identically.
     pub max_txn_ops: usize,
-    /// When given, the events of an applied write carry `prev_kv` only while this is
-    /// true: the member's watch hub sets it while some watcher wants `prev_kv`, and sets
-    /// it under the state machine's read lock, so no apply races a new watcher. Events
-    /// are member-local, so members may differ here and still apply identically.
-    pub event_prev_kv: Option<Arc<AtomicBool>>,
 }
 
 impl Default for StateMachineConfig {
     fn default() -> Self {
-        Self {
-            max_txn_ops: 128,
-            event_prev_kv: None,
-        }
+        Self { max_txn_ops: 128 }
     }
 }
 
@@ -111,6 +100,7 @@ pub struct StateMachine {
     store: Store,
     alarms: Alarms,
     applied_index: u64,
+    event_prev_kv: bool,
 }
 
 impl StateMachine {
@@ -135,6 +125,7 @@ impl StateMachine {
             store,
             alarms,
             applied_index,
+            event_prev_kv: true,
         })
     }
     /// The engine underneath (the runtime's log shares it).
@@ -281,12 +272,12 @@ impl StateMachine {
         }
     }
 
-    /// Whether events should carry `prev_kv` now (see `StateMachineConfig`).
-    fn event_prev_kv(&self) -> bool {
-        self.config
-            .event_prev_kv
-            .as_ref()
-            .is_none_or(|on| on.load(Ordering::SeqCst))
+    /// Whether the events of the writes applied from now on carry `prev_kv` (true
+    /// unless told otherwise): the runtime turns it off while no watcher of the member
+    /// wants `prev_kv`, which saves reading the value every put overwrites. Events are
+    /// member-local, so members may differ here and still apply identically.
+    pub fn set_event_prev_kv(&mut self, on: bool) {
+        self.event_prev_kv = on;
     }
 
     /// Runs `f` in a write transaction; its changes and the applied index go to the
@@ -296,7 +287,7 @@ impl StateMachine {
         index: u64,
         f: impl FnOnce(&mut WriteTxn<'_>) -> Result<ApplyResponse>,
     ) -> Applied {
-        let prev_kv = self.event_prev_kv();
+        let prev_kv = self.event_prev_kv;
         let mut w = WriteTxn::begin(&mut self.store, &*self.backend).event_prev_kv(prev_kv);
         match f(&mut w) {
             Ok(resp) => match w.commit(vec![Self::index_op(index)]) {
@@ -450,7 +441,7 @@ impl StateMachine {
             Some(lease) => lease.keys.iter().cloned().collect(),
             None => return self.finish_without_changes(index, Err(Error::LeaseNotFound)),
         };
-        let prev_kv = self.event_prev_kv();
+        let prev_kv = self.event_prev_kv;
         let mut w = WriteTxn::begin(&mut self.store, &*self.backend).event_prev_kv(prev_kv);
         for key in &keys {
             if let Err(e) = w.delete_range(key, None) {

@@ -428,6 +428,9 @@ impl PrimaryLessor {
 
 impl EventSink for PrimaryLessor {
     fn publish(&self, _events: Vec<mvccpb::Event>) {}
+    fn wants_prev_kv(&self) -> bool {
+        false
+    }
     fn leases_changed(&self, changes: &[LeaseChange]) {
         self.observe(changes);
     }

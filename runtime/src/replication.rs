@@ -49,6 +49,11 @@ pub trait EventSink: Send + Sync + 'static {
     /// a sink derived from earlier entries must be rebuilt from the state. Called under
     /// the state machine's write lock, like `publish`.
     fn restored(&self, _state: &StateMachine) {}
+    /// Whether this sink reads `prev_kv` from the events (asked under the state
+    /// machine's write lock before each apply; see `StateMachine::set_event_prev_kv`).
+    fn wants_prev_kv(&self) -> bool {
+        true
+    }
 }
 
 /// Hands every applied entry's output to several sinks, in order (watch hub, lessor).
@@ -72,6 +77,9 @@ impl EventSink for Fanout {
         for sink in &self.0 {
             sink.restored(state);
         }
+    }
+    fn wants_prev_kv(&self) -> bool {
+        self.0.iter().any(|sink| sink.wants_prev_kv())
     }
 }
 

@@ -133,7 +133,6 @@ pub async fn start_with(config: Config, injected: Injected) -> Result<RunningSer
         engine.for_state_machine(),
         StateMachineConfig {
             max_txn_ops: config.max_txn_ops,
-            event_prev_kv: Some(hub.event_prev_kv()),
         },
     )
     .map_err(|e| StartError::State(e.to_string()))?;

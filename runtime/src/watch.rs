@@ -14,7 +14,7 @@
 //! decide what an event is: events come from core, whole.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use metastore_core::mvcc::{key_in_range, HistoryLimits};
@@ -263,10 +263,8 @@ struct Hub {
     next_auto: HashMap<u64, i64>,
     /// Watch IDs per stream.
     streams: HashMap<u64, BTreeSet<i64>>,
-    /// Watchers that want `prev_kv`, and the flag the state machine reads to decide
-    /// whether events carry it (`StateMachineConfig::event_prev_kv`).
+    /// Watchers that want `prev_kv` (`EventSink::wants_prev_kv`).
     prev_kv_watchers: usize,
-    event_prev_kv: Arc<AtomicBool>,
 }
 
 impl Hub {
@@ -300,7 +298,6 @@ impl Hub {
     fn insert(&mut self, r: WatcherRef, w: Watcher) {
         if w.spec.prev_kv {
             self.prev_kv_watchers += 1;
-            self.event_prev_kv.store(true, Ordering::SeqCst);
         }
         self.watchers.insert(r, w);
     }
@@ -309,9 +306,6 @@ impl Hub {
         let w = self.watchers.remove(&r)?;
         if w.spec.prev_kv {
             self.prev_kv_watchers -= 1;
-            if self.prev_kv_watchers == 0 {
-                self.event_prev_kv.store(false, Ordering::SeqCst);
-            }
         }
         if let Some(ids) = self.streams.get_mut(&r.0) {
             ids.remove(&r.1);
@@ -360,12 +354,6 @@ impl WatchHub {
 
     fn lock(&self) -> MutexGuard<'_, Hub> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// The flag for `StateMachineConfig::event_prev_kv`: true while some watcher of this
-    /// hub wants `prev_kv`.
-    pub fn event_prev_kv(&self) -> Arc<AtomicBool> {
-        self.lock().event_prev_kv.clone()
     }
 
     /// A new stream's queue.
@@ -467,7 +455,7 @@ impl WatchHub {
         }
         hub.streams.entry(stream.id).or_default().insert(id);
         // Under the state machine's read lock (`sm`): every apply from now on sees the
-        // `prev_kv` demand this watcher may add.
+        // `prev_kv` demand this watcher may add (`wants_prev_kv`).
         hub.insert(
             r,
             Watcher {
@@ -662,6 +650,10 @@ fn progress(watch_id: i64, revision: i64) -> Outgoing {
 }
 
 impl EventSink for WatchHub {
+    fn wants_prev_kv(&self) -> bool {
+        self.lock().prev_kv_watchers > 0
+    }
+
     /// A snapshot replaced the state: the events between a synced watcher's position and
     /// the snapshot never passed through `publish`, so every synced watcher catches up
     /// from the new state's history (or is canceled if that history is compacted).
@@ -887,10 +879,7 @@ mod tests {
         // the expected events come from a twin that always computes it.
         let mut sm = StateMachine::open(
             Box::new(MemoryBackend::default()),
-            StateMachineConfig {
-                event_prev_kv: Some(hub.event_prev_kv()),
-                ..Default::default()
-            },
+            StateMachineConfig::default(),
         )
         .unwrap();
         let mut twin = StateMachine::open(
@@ -906,6 +895,7 @@ mod tests {
         let hidden = std::cell::Cell::new(false);
         let mut apply = |sm: &mut StateMachine, r: Request, emitted: &mut Vec<mvccpb::Event>| {
             idx += 1;
+            sm.set_event_prev_kv(hub.wants_prev_kv());
             let a = sm.apply(idx, &env(r.clone()));
             let full = twin.apply(idx, &env(r));
             if !a.events.is_empty() {

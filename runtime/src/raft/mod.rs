@@ -720,6 +720,9 @@ impl Driver {
         let mut removed = false;
         {
             let mut sm = self.state.write().map_err(|_| Error::Stopped)?;
+            // Under the write lock: a watcher registered (under the read lock) before
+            // this is counted, so no event it should get lacks `prev_kv`.
+            sm.set_event_prev_kv(self.events.wants_prev_kv());
             for entry in entries {
                 last = entry.index;
                 match entry.get_entry_type() {
