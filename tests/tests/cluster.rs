@@ -614,6 +614,18 @@ async fn leases_survive_a_whole_cluster_restart() {
     .await;
 }
 
+/// A member that follows the current leader (of three).
+async fn a_follower(c: &Cluster) -> usize {
+    (c.leader(Duration::from_secs(20)).await + 1) % 3
+}
+
+/// kill -9 every member but `survivor`: it is left without a quorum.
+fn kill_all_but(c: &mut Cluster, survivor: usize) {
+    for i in (0..c.members.len()).filter(|i| *i != survivor) {
+        c.members[i].kill9();
+    }
+}
+
 /// Without a quorum, a write, a linearizable read and Status on the surviving member
 /// answer as etcd 3.4's do, after the same request timeout (5 s + 2 election timeouts).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -624,11 +636,8 @@ async fn no_quorum_answers_match_etcd() {
         let mut answers = Vec::new();
         for kind in [Kind::Etcd, kind()] {
             let mut c = Cluster::start(kind, 3, FAST).await;
-            let leader = c.leader(Duration::from_secs(20)).await;
-            let survivor = (leader + 1) % 3;
-            for i in (0..3).filter(|i| *i != survivor) {
-                c.members[i].kill9();
-            }
+            let survivor = a_follower(&c).await;
+            kill_all_but(&mut c, survivor);
             tokio::time::sleep(Duration::from_secs(2)).await;
             let mut kv = c.members[survivor].kv().await;
             let started = Instant::now();
@@ -675,8 +684,7 @@ async fn require_leader_answers_match_etcd() {
         let mut answers = Vec::new();
         for kind in [Kind::Etcd, kind()] {
             let mut c = Cluster::start(kind, 3, FAST).await;
-            let leader = c.leader(Duration::from_secs(20)).await;
-            let survivor = (leader + 1) % 3;
+            let survivor = a_follower(&c).await;
             let mut client = c.members[survivor].etcd_client_requiring_leader().await;
             bounded("put with a leader", client.put("k", "v", None))
                 .await
@@ -691,9 +699,7 @@ async fn require_leader_answers_match_etcd() {
             let (_keeper, mut renewals) = bounded("keep-alive", client.lease_keep_alive(lease))
                 .await
                 .expect("keep-alive stream with a leader");
-            for i in (0..3).filter(|i| *i != survivor) {
-                c.members[i].kill9();
-            }
+            kill_all_but(&mut c, survivor);
             let lost_at = Instant::now();
             // The `created` response comes first.
             let watch_end = loop {
