@@ -79,10 +79,26 @@ fn main() -> ExitCode {
         }
     };
     init_tracing(config.log_level);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    // With tokio's LIFO slot, a task woken by a running task runs right after it: each
+    // gRPC stream that gets its answer wakes its connection's task, which then writes that
+    // one response at once (a `writev` per response). Without it, the connection task
+    // queues behind the other answered streams and writes their responses together: a
+    // third of the `writev`s and about a tenth less CPU per put (docs/benchmarks.md,
+    // session 5). The option is unstable in tokio, hence the cfg set in
+    // .cargo/config.toml; a build without it only loses this.
+    #[cfg(tokio_unstable)]
+    builder.disable_lifo_slot();
+    // One core is left to the raft loop's blocking thread (persist with fdatasync, apply,
+    // answer), which is busy most of the time under write load; gRPC gets the others.
+    // On two cores shared with a load generator that made 64-client puts a third faster
+    // (docs/benchmarks.md, session 5). TOKIO_WORKER_THREADS still overrides it.
+    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        builder.worker_threads(cores.saturating_sub(1).max(1));
+    }
+    let runtime = match builder.build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("metastore: cannot start the async runtime: {e}");
