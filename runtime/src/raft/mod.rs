@@ -55,6 +55,9 @@ pub enum Input {
     SnapshotStatus(u64, SnapshotStatus),
     ChangeMembers(MemberChange, oneshot::Sender<Result<ApplyResponse>>),
     MoveLeader(u64, oneshot::Sender<Result<()>>),
+    /// The background engine flush that log compaction waits for is done: the log may
+    /// forget the entries up to this index (or the flush failed).
+    Flushed(u64, std::result::Result<(), String>),
     Close(oneshot::Sender<()>),
 }
 
@@ -235,6 +238,8 @@ impl RaftNode {
             reads: Reads::default(),
             snapshot_count: config.snapshot_count,
             compacted_at: applied,
+            compaction: Compaction::Idle,
+            inbox: tx.clone(),
             election_ticks: config.election_ticks as u64,
             ticks: 0,
             initial_peers,
@@ -386,6 +391,17 @@ struct Reads {
     next_ctx: u64,
 }
 
+/// Where the raft log compaction is: it waits for a background flush of the engine.
+enum Compaction {
+    Idle,
+    /// A flush is running; the entries up to this index go once it is done.
+    Flushing,
+    /// The flush is done: these entries may go at the next disk turn.
+    Ready(u64),
+    /// The flush failed; the next disk turn stops the member with this.
+    Failed(String),
+}
+
 struct Driver {
     node: RawNode<RaftStorage>,
     state: SharedState,
@@ -401,6 +417,9 @@ struct Driver {
     snapshot_count: u64,
     /// The applied index at the last raft log compaction (or where this run started).
     compacted_at: u64,
+    compaction: Compaction,
+    /// This loop's own inbox, for the background flush to report back.
+    inbox: mpsc::Sender<Input>,
     election_ticks: u64,
     ticks: u64,
     /// Peer URLs from the flags, used until the member set is known from the state.
@@ -593,6 +612,12 @@ impl Driver {
             Input::SnapshotStatus(id, status) => self.node.report_snapshot(id, status),
             Input::ChangeMembers(change, reply) => self.change_members(change, reply),
             Input::MoveLeader(target, reply) => self.move_leader(target, reply),
+            Input::Flushed(to, result) => {
+                self.compaction = match result {
+                    Ok(()) => Compaction::Ready(to),
+                    Err(why) => Compaction::Failed(why),
+                }
+            }
             Input::Close(ack) => return Some(ack),
         }
         None
@@ -995,7 +1020,33 @@ impl Driver {
     /// a little. Counting from the last compaction, not from the log's first entry,
     /// keeps it to one compaction (and one engine flush) per `--snapshot-count` entries
     /// even when fewer than that are kept.
+    /// Compacts the raft log once per `snapshot_count` applied entries, in two steps: a
+    /// flush of the engine in the background (the entries are about to become
+    /// unreplayable, so their applied state must be durable first), then, at the first
+    /// disk turn after it, the removal of the entries up to the index applied before the
+    /// flush began. Flushing a memtable takes ~200 ms here, which the raft loop, and every
+    /// client with it, used to wait for.
     fn maybe_compact(&mut self) -> Result<()> {
+        match std::mem::replace(&mut self.compaction, Compaction::Idle) {
+            Compaction::Idle => {}
+            Compaction::Flushing => {
+                self.compaction = Compaction::Flushing;
+                return Ok(());
+            }
+            Compaction::Ready(to) => {
+                // A snapshot installed meanwhile may have replaced these entries already
+                // (`compact` then has nothing to do).
+                let mut batch = WriteBatch::new();
+                self.node.mut_store().compact(to, &mut batch)?;
+                self.engine.write(batch)?;
+                tracing::info!(compacted_to = to, "compacted the raft log");
+            }
+            Compaction::Failed(why) => {
+                return Err(Error::Storage(format!(
+                    "flushing before log compaction: {why}"
+                )))
+            }
+        }
         let applied = self.shared.applied_index.load(Ordering::SeqCst);
         if applied < self.compacted_at.saturating_add(self.snapshot_count) {
             return Ok(());
@@ -1007,13 +1058,16 @@ impl Driver {
         if to < first {
             return Ok(());
         }
-        // The entries up to `to` can no longer be replayed: their applied state must be
-        // durable first.
-        self.engine.flush()?;
-        let mut batch = WriteBatch::new();
-        self.node.mut_store().compact(to, &mut batch)?;
-        self.engine.write(batch)?;
-        tracing::info!(compacted_to = to, applied, "compacted the raft log");
+        self.compaction = Compaction::Flushing;
+        let engine = self.engine.clone();
+        let inbox = self.inbox.clone();
+        tokio::spawn(async move {
+            let result = blocking(move || engine.flush().map_err(|e| e.to_string()))
+                .await
+                .and_then(|flushed| flushed);
+            // A stopped loop no longer needs to know.
+            let _ = inbox.send(Input::Flushed(to, result)).await;
+        });
         Ok(())
     }
 }
@@ -1034,14 +1088,15 @@ mod tests {
     use super::*;
     use crate::replication::NoEvents;
 
-    /// A memory engine that counts durable raft log appends and can be told to fail
-    /// writes.
+    /// A memory engine that counts durable raft log appends and flushes, and can be told
+    /// to fail writes or flushes.
     #[derive(Clone, Default)]
     struct Counting {
         inner: Arc<MemoryBackend>,
         log_syncs: Arc<AtomicUsize>,
         flushes: Arc<AtomicUsize>,
         fail: Arc<AtomicBool>,
+        fail_flush: Arc<AtomicBool>,
     }
 
     impl Backend for Counting {
@@ -1074,6 +1129,9 @@ mod tests {
             self.inner.write(batch)
         }
         fn flush(&self) -> std::result::Result<(), BackendError> {
+            if self.fail_flush.load(Ordering::SeqCst) {
+                return Err(BackendError("injected flush failure".into()));
+            }
             self.flushes.fetch_add(1, Ordering::SeqCst);
             Ok(())
         }
@@ -1311,5 +1369,46 @@ mod tests {
         fatal.wait_for(Option::is_some).await.unwrap();
         assert!(matches!(node.propose(put("b")).await, Err(Error::Stopped)));
         assert!(node.read_barrier().await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_failed_flush_before_log_compaction_stops_the_member_with_the_log_whole() {
+        let engine = Counting::default();
+        engine.fail_flush.store(true, Ordering::SeqCst);
+        let mut config = config();
+        config.snapshot_count = 10;
+        let (_state, node) = open_with(&engine, config, Arc::new(NoEvents));
+        node.read_barrier().await.unwrap();
+        let first_entry = || {
+            let mut first = None;
+            engine
+                .scan(Bucket::Log, b"r", Some(b"s"), &mut |k, _| {
+                    first = Some(u64::from_be_bytes(k[1..].try_into().unwrap()));
+                    false
+                })
+                .unwrap();
+            first
+        };
+        let first = first_entry();
+        assert!(first.is_some());
+        let mut fatal = node.fatal();
+        let mut stopped = None;
+        for i in 0..40 {
+            if let Err(e) = node.propose(put(&format!("k{i}"))).await {
+                stopped = Some((i, e));
+                break;
+            }
+        }
+        let (i, e) = stopped.expect("the member went on after its flush failed");
+        assert!(matches!(e, Error::Stopped), "{e:?}");
+        assert!(
+            i >= 10,
+            "stopped at proposal {i}, before any compaction was due"
+        );
+        fatal.wait_for(Option::is_some).await.unwrap();
+        let why = fatal.borrow().clone().unwrap();
+        assert!(why.contains("injected flush failure"), "{why}");
+        // Nothing was compacted: the log still starts where it did.
+        assert_eq!(first_entry(), first);
     }
 }
