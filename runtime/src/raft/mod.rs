@@ -1020,12 +1020,12 @@ impl Driver {
     /// a little. Counting from the last compaction, not from the log's first entry,
     /// keeps it to one compaction (and one engine flush) per `--snapshot-count` entries
     /// even when fewer than that are kept.
-    /// Compacts the raft log once per `snapshot_count` applied entries, in two steps: a
-    /// flush of the engine in the background (the entries are about to become
-    /// unreplayable, so their applied state must be durable first), then, at the first
-    /// disk turn after it, the removal of the entries up to the index applied before the
-    /// flush began. Flushing a memtable takes ~200 ms here, which the raft loop, and every
-    /// client with it, used to wait for.
+    ///
+    /// Two steps: a flush of the engine in the background (the entries are about to
+    /// become unreplayable, so their applied state must be durable first), then, at the
+    /// first disk turn after it, the removal of the entries up to the index applied
+    /// before the flush began. Flushing the memtables takes ~200 ms here, which the raft
+    /// loop, and every client with it, used to wait for.
     fn maybe_compact(&mut self) -> Result<()> {
         match std::mem::replace(&mut self.compaction, Compaction::Idle) {
             Compaction::Idle => {}
