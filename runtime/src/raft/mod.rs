@@ -1145,6 +1145,18 @@ mod tests {
 
     const ME: u64 = 7;
 
+    /// The indexes of the raft log entries stored in `engine`, in order.
+    fn log_indexes(engine: &Counting) -> Vec<u64> {
+        let mut indexes = Vec::new();
+        engine
+            .scan(Bucket::Log, b"r", Some(b"s"), &mut |k, _| {
+                indexes.push(u64::from_be_bytes(k[1..].try_into().unwrap()));
+                true
+            })
+            .unwrap();
+        indexes
+    }
+
     fn config() -> RaftConfig {
         RaftConfig {
             wall_clock: Arc::new(crate::clock::SystemClock),
@@ -1339,13 +1351,7 @@ mod tests {
             node.propose(put(&format!("k{i}"))).await.unwrap();
         }
         node.close().await;
-        let mut entries = Vec::new();
-        engine
-            .scan(Bucket::Log, b"r", Some(b"s"), &mut |k, _| {
-                entries.push(u64::from_be_bytes(k[1..].try_into().unwrap()));
-                true
-            })
-            .unwrap();
+        let entries = log_indexes(&engine);
         assert!(entries.len() <= 21, "{entries:?}");
         // One compaction, and one engine flush, per 10 entries, not one per Ready.
         let flushes = engine.flushes.load(Ordering::SeqCst);
@@ -1379,17 +1385,7 @@ mod tests {
         config.snapshot_count = 10;
         let (_state, node) = open_with(&engine, config, Arc::new(NoEvents));
         node.read_barrier().await.unwrap();
-        let first_entry = || {
-            let mut first = None;
-            engine
-                .scan(Bucket::Log, b"r", Some(b"s"), &mut |k, _| {
-                    first = Some(u64::from_be_bytes(k[1..].try_into().unwrap()));
-                    false
-                })
-                .unwrap();
-            first
-        };
-        let first = first_entry();
+        let first = log_indexes(&engine).first().copied();
         assert!(first.is_some());
         let mut fatal = node.fatal();
         let mut stopped = None;
@@ -1409,6 +1405,6 @@ mod tests {
         let why = fatal.borrow().clone().unwrap();
         assert!(why.contains("injected flush failure"), "{why}");
         // Nothing was compacted: the log still starts where it did.
-        assert_eq!(first_entry(), first);
+        assert_eq!(log_indexes(&engine).first().copied(), first);
     }
 }
