@@ -394,7 +394,7 @@ struct Reads {
 /// Where the raft log compaction is: it waits for a background flush of the engine.
 enum Compaction {
     Idle,
-    /// A flush is running; the entries up to this index go once it is done.
+    /// A flush is running; it reports back with the index it covers (`Input::Flushed`).
     Flushing,
     /// The flush is done: these entries may go at the next disk turn.
     Ready(u64),
