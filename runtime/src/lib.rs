@@ -10,6 +10,8 @@
 //! Beside them run the timers: [`compactor`] and [`lessor`] (the leader's lease expiry).
 
 pub mod api;
+#[cfg(not(madsim))]
+pub mod authority;
 pub mod clock;
 pub mod compactor;
 pub mod config;

@@ -418,8 +418,12 @@ async fn serve_clients(
     limits: ClientLimits,
     mut stop: watch::Receiver<bool>,
 ) {
+    use tokio_stream::StreamExt;
     use tonic::transport::server::TcpIncoming;
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    // etcdctl's `--cluster` sends a URL as :authority, which h2 refuses (see authority.rs).
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .map(|conn| conn.map(crate::authority::RepairAuthority::new));
     let max_recv = limits.max_recv;
     let builder = tonic::transport::Server::builder()
         .layer(crate::recv_limit::RecvLimitLayer::new(max_recv))

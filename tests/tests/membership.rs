@@ -115,8 +115,9 @@ async fn members_are_listed_added_promoted_updated_and_removed_with_etcdctl() {
         sorted.sort();
         assert_eq!(sorted, vec!["m1", "m2", "m3"]);
 
-        // Every member has the same key space (`--cluster`: see the known difference
-        // below; the endpoints are given explicitly here).
+        // Every member has the same key space. `--cluster` makes etcdctl ask one member
+        // for the member list and then dial every member's client URL directly, which
+        // sends that URL as the HTTP/2 :authority (runtime/src/authority.rs).
         let out = ok(
             &c.members[0].etcdctl(&["put", "k", "v"]),
             "put before hashkv",
@@ -124,17 +125,53 @@ async fn members_are_listed_added_promoted_updated_and_removed_with_etcdctl() {
         assert_eq!(out.trim(), "OK");
         tokio::time::sleep(Duration::from_millis(500)).await;
         let out = ok(
-            &metastore_tests::etcdctl(&endpoints(&c), &["endpoint", "hashkv", "-w", "json"], None),
-            "endpoint hashkv",
+            &c.members[1].etcdctl(&["endpoint", "hashkv", "--cluster", "-w", "json"]),
+            "endpoint hashkv --cluster",
         );
-        let hashes: Vec<u64> = json(&out)
+        let hashes: Vec<(String, u64)> = json(&out)
             .as_array()
             .unwrap()
             .iter()
-            .map(|e| e["HashKV"]["hash"].as_u64().unwrap())
+            .map(|e| {
+                let ep = e["Endpoint"].as_str().unwrap().to_string();
+                (ep, e["HashKV"]["hash"].as_u64().unwrap())
+            })
             .collect();
         assert_eq!(hashes.len(), 3, "{out}");
-        assert!(hashes.iter().all(|h| *h == hashes[0]), "{out}");
+        assert!(hashes.iter().all(|h| h.1 == hashes[0].1), "{out}");
+        let mut urls: Vec<String> = hashes.into_iter().map(|h| h.0).collect();
+        urls.sort();
+        let mut expected: Vec<String> = c.members.iter().map(|m| m.url()).collect();
+        expected.sort();
+        assert_eq!(urls, expected, "{out}");
+        // The same with the endpoints listed.
+        let out = ok(
+            &metastore_tests::etcdctl(&endpoints(&c), &["endpoint", "hashkv", "-w", "json"], None),
+            "endpoint hashkv",
+        );
+        assert_eq!(json(&out).as_array().unwrap().len(), 3, "{out}");
+        // `endpoint status --cluster`: three members, one leader, the one all agree on.
+        let out = ok(
+            &c.members[2].etcdctl(&["endpoint", "status", "--cluster", "-w", "json"]),
+            "endpoint status --cluster",
+        );
+        let statuses = json(&out);
+        let statuses = statuses.as_array().unwrap();
+        assert_eq!(statuses.len(), 3, "{out}");
+        let leaders: Vec<u64> = statuses
+            .iter()
+            .map(|e| e["Status"]["leader"].as_u64().unwrap())
+            .collect();
+        let members: Vec<u64> = statuses
+            .iter()
+            .map(|e| e["Status"]["header"]["member_id"].as_u64().unwrap())
+            .collect();
+        assert!(leaders.iter().all(|l| *l == leaders[0]), "{out}");
+        assert!(members.contains(&leaders[0]), "{out}");
+        // etcdctl reports health on stderr.
+        let out = c.members[0].etcdctl(&["endpoint", "health", "--cluster"]);
+        assert!(out.success(), "{out:?}");
+        assert_eq!(out.stderr.matches("is healthy").count(), 3, "{out:?}");
 
         // Add a learner; it joins as an existing cluster's member and catches up.
         let mut m4 = Server::prepare(
@@ -348,24 +385,6 @@ async fn members_are_listed_added_promoted_updated_and_removed_with_etcdctl() {
         );
         assert_eq!(out.trim(), "OK");
         c.members[0].kill9();
-    })
-    .await;
-}
-
-/// etcdctl 3.4's `--cluster` flag dials each member's client URL through grpc-go's
-/// passthrough resolver, which sends the whole URL (`http://127.0.0.1:port`) as the
-/// HTTP/2 `:authority`. Go's HTTP/2 server accepts that; the Rust `h2` crate under tonic
-/// rejects it as a malformed header (PROTOCOL_ERROR), so `etcdctl endpoint status
-/// --cluster` and `endpoint hashkv --cluster` fail against MetaStore. Plain
-/// `--endpoints http://...` works (etcdctl strips the scheme there). Run with
-/// `cargo test -p metastore-tests -- --ignored`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known difference: etcdctl 3.4 --cluster sends a URL as :authority, which h2 rejects"]
-async fn known_difference_etcdctl_cluster_flag() {
-    test_bounded(Duration::from_secs(60), async {
-        let s = Server::start(Kind::Metastore(Engine::RocksDb)).await;
-        let out = s.etcdctl(&["endpoint", "status", "--cluster"]);
-        assert!(out.success(), "{out:?}");
     })
     .await;
 }
