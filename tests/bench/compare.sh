@@ -3,7 +3,7 @@
 # loopback ports with temporary data dirs, the same workloads against each, one table with
 # ratios. Not part of the test suite. Both servers are stopped at the end.
 #
-#   tests/bench/compare.sh [--scale 0.2] [--duration 20] [--engine rocksdb|memory] [--only "put, 1|put, 64"] [--rounds 3]
+#   tests/bench/compare.sh [--scale 0.2] [--duration 20] [--engine rocksdb|memory] [--only "put, 1|put, 64"] [--rounds 3] [--members 3] [--client-threads 1]
 #
 # PROFILE=debug uses debug builds (quick, meaningless numbers); the default is release.
 set -euo pipefail
