@@ -219,14 +219,13 @@ impl Repair {
                 _ => return self.give_up_with(frame, out),
             }
         };
-        let fragment = fragment.to_vec();
         let block = self.block.get_or_insert_with(|| Block {
             stream_id,
             end_stream: flags & END_STREAM != 0,
             ..Block::default()
         });
         block.raw.extend_from_slice(&frame);
-        block.fragment.extend_from_slice(&fragment);
+        block.fragment.extend_from_slice(fragment);
         if flags & END_HEADERS == 0 {
             return Ok(Step::Continue);
         }

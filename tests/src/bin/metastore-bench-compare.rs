@@ -189,18 +189,14 @@ async fn bench(endpoints: &[String], c: &Case, a: &Args) -> anyhow::Result<Bench
 
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
-    let runtime = match a.client_threads {
-        0 => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?,
-        1 => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?,
-        n => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(n)
-            .enable_all()
-            .build()?,
+    let mut builder = match a.client_threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
     };
+    if a.client_threads > 1 {
+        builder.worker_threads(a.client_threads);
+    }
+    let runtime = builder.enable_all().build()?;
     runtime.block_on(compare(a))
 }
 
