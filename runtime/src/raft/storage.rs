@@ -3,8 +3,10 @@
 //!
 //! This module owns the on-disk layout of the raft log: entry `i` under `r` + big-endian
 //! `i`, the hard state, the conf state and the compaction point under `s/...` keys. It
-//! keeps the terms of the stored entries in memory (raft asks for them constantly) and
-//! reads entries from the engine. It must never make a write durable on its own: the
+//! keeps the terms of the stored entries in memory (raft asks for them constantly) and a
+//! bounded copy of the log's tail (the entries raft reads back right after appending
+//! them: to apply them, and to send them to followers), and reads older entries from the
+//! engine. It must never make a write durable on its own: the
 //! driver collects each change into the `WriteBatch` of its `Ready` and syncs once, so
 //! entries and hard state become durable together; and it must never hand raft an entry
 //! that is not in the engine's batch order (memory is updated before the batch is
@@ -60,7 +62,17 @@ pub struct RaftStorage {
     terms: VecDeque<u64>,
     /// The last entry applied to the state machine and its term, for snapshots.
     applied: (u64, u64),
+    /// The newest stored entries, `last - tail.len() + 1 ..= last`, at most
+    /// [`TAIL_CACHE_BYTES`] of entry data (and always the last entry appended).
+    tail: VecDeque<Entry>,
+    tail_bytes: usize,
 }
+
+/// How much of the log's tail is kept in memory. Committed entries are read back once
+/// to apply and once per follower to send, usually within a few milliseconds of their
+/// append; 16 MiB holds far more than that window at any rate the disk sustains, and
+/// bounds the memory an unreachable follower's backlog can pin.
+const TAIL_CACHE_BYTES: usize = 16 << 20;
 
 impl RaftStorage {
     /// Loads the log from the engine. `bootstrap` gives the conf state (and a starting
@@ -124,6 +136,8 @@ impl RaftStorage {
             compacted,
             terms,
             applied: (0, 0),
+            tail: VecDeque::new(),
+            tail_bytes: 0,
         };
         if conf_state == ConfState::default() {
             if let Some((initial, term)) = bootstrap {
@@ -215,6 +229,14 @@ impl RaftStorage {
         }
         self.terms
             .truncate((first.index - self.compacted.0 - 1) as usize);
+        // The conflicting suffix leaves the tail too.
+        while self.tail.back().is_some_and(|e| e.index >= first.index) {
+            let gone = self.tail.pop_back().unwrap();
+            self.tail_bytes -= gone.data.len();
+        }
+        if self.tail.back().is_some_and(|e| e.index + 1 != first.index) {
+            self.clear_tail();
+        }
         for e in entries {
             batch.put(
                 Bucket::Log,
@@ -223,8 +245,24 @@ impl RaftStorage {
                     .map_err(|e| Error::Internal(e.to_string()))?,
             );
             self.terms.push_back(e.term);
+            self.tail_bytes += e.data.len();
+            self.tail.push_back(e.clone());
+        }
+        while self.tail.len() > 1 && self.tail_bytes > TAIL_CACHE_BYTES {
+            let gone = self.tail.pop_front().unwrap();
+            self.tail_bytes -= gone.data.len();
         }
         Ok(())
+    }
+
+    fn clear_tail(&mut self) {
+        self.tail.clear();
+        self.tail_bytes = 0;
+    }
+
+    /// The first index the in-memory tail holds (`last + 1` when it is empty).
+    fn tail_first(&self) -> u64 {
+        self.tail.front().map_or(self.last() + 1, |e| e.index)
     }
 
     pub fn set_hard_state(&mut self, hs: HardState, batch: &mut WriteBatch) {
@@ -266,6 +304,10 @@ impl RaftStorage {
             batch.delete(Bucket::Log, entry_key(i).to_vec());
         }
         self.terms.drain(..(index - self.compacted.0) as usize);
+        while self.tail.front().is_some_and(|e| e.index <= index) {
+            let gone = self.tail.pop_front().unwrap();
+            self.tail_bytes -= gone.data.len();
+        }
         self.compacted = (index, term);
         batch.put(Bucket::Log, COMPACTED_KEY, compaction_point(index, term));
         Ok(())
@@ -278,6 +320,7 @@ impl RaftStorage {
             batch.delete(Bucket::Log, entry_key(i).to_vec());
         }
         self.terms.clear();
+        self.clear_tail();
         self.compacted = (meta.index, meta.term);
         self.applied = (meta.index, meta.term);
         batch.put(
@@ -360,6 +403,18 @@ impl raft::Storage for RaftStorage {
         let max_size = max_size.into();
         let mut entries = Vec::with_capacity((high - low) as usize);
         let mut size = 0u64;
+        if low >= self.tail_first() {
+            let skip = (low - self.tail_first()) as usize;
+            for e in self.tail.iter().skip(skip).take((high - low) as usize) {
+                // Sized as encoded, like the engine path below and raft's `limit_size`.
+                size += u64::from(e.compute_size());
+                if !entries.is_empty() && max_size.is_some_and(|m| size > m) {
+                    break;
+                }
+                entries.push(e.clone());
+            }
+            return Ok(entries);
+        }
         let mut failed = None;
         self.engine
             .scan(
@@ -410,5 +465,164 @@ impl raft::Storage for RaftStorage {
 
     fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
         self.build_snapshot().map_err(storage_error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, RwLock};
+
+    use metastore_core::{MemoryBackend, StateMachine, StateMachineConfig};
+    use raft::Storage as _;
+
+    use super::*;
+
+    fn open(engine: &Arc<MemoryBackend>) -> RaftStorage {
+        let sm =
+            StateMachine::open(Box::new(engine.clone()), StateMachineConfig::default()).unwrap();
+        let state = Arc::new(RwLock::new(sm));
+        let cs = ConfState {
+            voters: vec![1],
+            ..Default::default()
+        };
+        RaftStorage::open(engine.clone(), state, Some((cs, 1))).unwrap()
+    }
+
+    fn entry(index: u64, term: u64, size: usize) -> Entry {
+        Entry {
+            index,
+            term,
+            data: vec![index as u8; size].into(),
+            ..Default::default()
+        }
+    }
+
+    fn append(log: &mut RaftStorage, engine: &MemoryBackend, entries: &[Entry]) {
+        let mut batch = WriteBatch::new();
+        log.append(entries, &mut batch).unwrap();
+        engine.write(batch).unwrap();
+    }
+
+    fn read(log: &RaftStorage, low: u64, high: u64, max: Option<u64>) -> Vec<(u64, u64)> {
+        log.entries(low, high, max, GetEntriesContext::empty(false))
+            .unwrap()
+            .iter()
+            .map(|e| (e.index, e.term))
+            .collect()
+    }
+
+    /// What the engine alone holds, through a fresh open (no tail in memory).
+    fn read_reopened(engine: &Arc<MemoryBackend>, low: u64, high: u64) -> Vec<(u64, u64)> {
+        let log = open(engine);
+        assert_eq!(log.tail_first(), log.last() + 1);
+        read(&log, low, high, None)
+    }
+
+    #[test]
+    fn the_tail_serves_what_the_engine_holds() {
+        let engine = Arc::new(MemoryBackend::new());
+        let mut log = open(&engine);
+        let first = log.first();
+        let entries: Vec<Entry> = (first..first + 10).map(|i| entry(i, 2, 10)).collect();
+        append(&mut log, &engine, &entries);
+        assert_eq!(log.tail_first(), first);
+        let all = read(&log, first, first + 10, None);
+        assert_eq!(all.len(), 10);
+        assert_eq!(all, read_reopened(&engine, first, first + 10));
+        assert_eq!(
+            read(&log, first + 3, first + 5, None),
+            vec![(first + 3, 2), (first + 4, 2)]
+        );
+        // A size limit gives at least one entry, then as many as fit.
+        assert_eq!(read(&log, first, first + 10, Some(0)).len(), 1);
+        let size = u64::from(entries[0].compute_size());
+        assert_eq!(read(&log, first, first + 10, Some(3 * size)).len(), 3);
+        assert_eq!(
+            read(&log, first, first + 10, Some(3 * size)),
+            read_reopened(&engine, first, first + 3)
+        );
+    }
+
+    #[test]
+    fn a_conflicting_append_replaces_the_tail_suffix() {
+        let engine = Arc::new(MemoryBackend::new());
+        let mut log = open(&engine);
+        let first = log.first();
+        let entries: Vec<Entry> = (first..first + 6).map(|i| entry(i, 2, 10)).collect();
+        append(&mut log, &engine, &entries);
+        append(
+            &mut log,
+            &engine,
+            &[entry(first + 3, 3, 10), entry(first + 4, 3, 10)],
+        );
+        let expected = vec![
+            (first, 2),
+            (first + 1, 2),
+            (first + 2, 2),
+            (first + 3, 3),
+            (first + 4, 3),
+        ];
+        assert_eq!(log.last(), first + 4);
+        assert_eq!(read(&log, first, first + 5, None), expected);
+        assert_eq!(read_reopened(&engine, first, first + 5), expected);
+    }
+
+    #[test]
+    fn entries_beyond_the_tail_bound_come_from_the_engine() {
+        let engine = Arc::new(MemoryBackend::new());
+        let mut log = open(&engine);
+        let first = log.first();
+        // Four entries of a quarter of the bound each, then one more: the oldest leaves
+        // the tail, and reads spanning it go to the engine.
+        let big = TAIL_CACHE_BYTES / 4;
+        for i in first..first + 5 {
+            append(&mut log, &engine, &[entry(i, 2, big)]);
+        }
+        assert!(log.tail_bytes <= TAIL_CACHE_BYTES);
+        assert!(log.tail_first() > first);
+        let all = read(&log, first, first + 5, None);
+        assert_eq!(all, (first..first + 5).map(|i| (i, 2)).collect::<Vec<_>>());
+        // One entry larger than the bound stays (raft reads it back at once).
+        append(
+            &mut log,
+            &engine,
+            &[entry(first + 5, 2, TAIL_CACHE_BYTES + 1)],
+        );
+        assert_eq!(log.tail_first(), first + 5);
+        assert_eq!(read(&log, first + 5, first + 6, None), vec![(first + 5, 2)]);
+    }
+
+    #[test]
+    fn compaction_and_snapshot_install_trim_the_tail() {
+        let engine = Arc::new(MemoryBackend::new());
+        let mut log = open(&engine);
+        let first = log.first();
+        let entries: Vec<Entry> = (first..first + 6).map(|i| entry(i, 2, 10)).collect();
+        append(&mut log, &engine, &entries);
+        log.set_applied(first + 3);
+        let mut batch = WriteBatch::new();
+        log.compact(first + 2, &mut batch).unwrap();
+        engine.write(batch).unwrap();
+        assert_eq!(log.tail_first(), first + 3);
+        assert!(log
+            .entries(first + 2, first + 4, None, GetEntriesContext::empty(false))
+            .is_err());
+        assert_eq!(
+            read(&log, first + 3, first + 6, None),
+            vec![(first + 3, 2), (first + 4, 2), (first + 5, 2)]
+        );
+        let mut meta = SnapshotMetadata::default();
+        meta.index = first + 20;
+        meta.term = 4;
+        let mut batch = WriteBatch::new();
+        log.install_snapshot(&meta, &mut batch);
+        engine.write(batch).unwrap();
+        assert!(log.tail.is_empty());
+        assert_eq!(log.tail_bytes, 0);
+        append(&mut log, &engine, &[entry(first + 21, 4, 10)]);
+        assert_eq!(
+            read(&log, first + 21, first + 22, None),
+            vec![(first + 21, 4)]
+        );
     }
 }
