@@ -611,9 +611,11 @@ mod tests {
             read(&log, first + 3, first + 6, None),
             vec![(first + 3, 2), (first + 4, 2), (first + 5, 2)]
         );
-        let mut meta = SnapshotMetadata::default();
-        meta.index = first + 20;
-        meta.term = 4;
+        let meta = SnapshotMetadata {
+            index: first + 20,
+            term: 4,
+            ..Default::default()
+        };
         let mut batch = WriteBatch::new();
         log.install_snapshot(&meta, &mut batch);
         engine.write(batch).unwrap();
