@@ -225,6 +225,17 @@ pub struct Mark {
     last: Option<(i64, i64, usize)>,
 }
 
+fn mark_of(ki: &KeyIndex) -> Mark {
+    Mark {
+        modified: ki.modified,
+        generations: ki.generations.len(),
+        last: ki
+            .generations
+            .last()
+            .map(|g| (g.ver, g.created, g.revs.len())),
+    }
+}
+
 /// Every key's index, ordered by key.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TreeIndex {
@@ -255,14 +266,7 @@ impl TreeIndex {
 
     /// Records a key's index tail before a change (`None`: the key is not indexed).
     pub fn mark(&self, key: &[u8]) -> Option<Mark> {
-        self.tree.get(key).map(|ki| Mark {
-            modified: ki.modified,
-            generations: ki.generations.len(),
-            last: ki
-                .generations
-                .last()
-                .map(|g| (g.ver, g.created, g.revs.len())),
-        })
+        self.tree.get(key).map(mark_of)
     }
 
     /// Restores a key's index to a `mark` taken before later changes. Marks must be
@@ -279,6 +283,30 @@ impl TreeIndex {
                 g.ver = ver;
                 g.created = created;
                 g.revs.truncate(n);
+            }
+        }
+    }
+
+    /// [`Self::put`] in one lookup of the key, returning what a write needs from before
+    /// it: the key's mark (for [`Self::rollback`]) and what a read at `read_at` finds.
+    /// On an error nothing changed.
+    pub fn put_returning(
+        &mut self,
+        key: &[u8],
+        rev: Revision,
+        read_at: i64,
+    ) -> Result<(Option<Mark>, Option<Found>)> {
+        match self.tree.get_mut(key) {
+            Some(ki) => {
+                let before = (Some(mark_of(ki)), ki.get(read_at));
+                ki.put(rev)?;
+                Ok(before)
+            }
+            None => {
+                let mut ki = KeyIndex::new();
+                ki.put(rev)?;
+                self.tree.insert(key.to_vec(), ki);
+                Ok((None, None))
             }
         }
     }
@@ -446,6 +474,27 @@ mod tests {
 
     fn r(main: i64, sub: i64) -> Revision {
         Revision::new(main, sub)
+    }
+
+    #[test]
+    fn put_returning_is_get_mark_and_put_in_one() {
+        let mut t = TreeIndex::new();
+        assert_eq!(t.put_returning(b"k", r(2, 0), 2).unwrap(), (None, None));
+        let mut reference = t.clone();
+        let expected = (reference.mark(b"k"), reference.get(b"k", 3));
+        reference.put(b"k", r(3, 0)).unwrap();
+        let got = t.put_returning(b"k", r(3, 0), 3).unwrap();
+        assert_eq!(got.1.as_ref().map(|f| (f.created, f.version)), Some((2, 1)));
+        assert_eq!(got, expected);
+        assert_eq!(t, reference);
+        // Not after the key's last modification: refused, nothing changed.
+        assert!(t.put_returning(b"k", r(3, 0), 3).is_err());
+        assert_eq!(t, reference);
+        // The mark rolls the put back.
+        t.rollback(b"k", got.0);
+        let mut once = TreeIndex::new();
+        once.put(b"k", r(2, 0)).unwrap();
+        assert_eq!(t, once);
     }
 
     /// put(1) put(2) del(3) put(4) del(5) on one key, the example of etcd's key_index.go.

@@ -443,13 +443,15 @@ impl KvTxn for WriteTxn<'_> {
 
     fn put(&mut self, key: &[u8], value: &[u8], lease: i64) -> Result<i64> {
         let rev = self.write_rev();
+        let idx_rev = Revision::new(rev, self.changes.len() as i64);
         // A key that is live (even if written earlier in this transaction) keeps its
         // creation revision and counts on from its version.
-        let (created, version) = match self.store.index.get(key, rev) {
+        let (mark, found) = self.store.index.put_returning(key, idx_rev, rev)?;
+        self.undo.push((key.to_vec(), mark));
+        let (created, version) = match found {
             Some(found) => (found.created, found.version),
             None => (rev, 0),
         };
-        let idx_rev = Revision::new(rev, self.changes.len() as i64);
         let kv = mvccpb::KeyValue {
             key: key.to_vec().into(),
             create_revision: created,
@@ -458,8 +460,6 @@ impl KvTxn for WriteTxn<'_> {
             value: value.to_vec().into(),
             lease,
         };
-        self.remember(key);
-        self.store.index.put(key, idx_rev)?;
         self.ops.push(BatchOp::Put {
             bucket: Bucket::Key,
             key: idx_rev.to_bytes(false),
