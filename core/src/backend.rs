@@ -136,6 +136,12 @@ pub trait Backend: Send + Sync + 'static {
     fn flush(&self) -> Result<(), BackendError> {
         Ok(())
     }
+    /// Hands the engine any volatile batches a buffering wrapper still holds, so the
+    /// engine underneath has every write made so far (an engine that does not buffer has
+    /// nothing to do).
+    fn write_pending(&self) -> Result<(), BackendError> {
+        Ok(())
+    }
     /// Approximate bytes the engine occupies (etcd's `db_size`).
     fn size_bytes(&self) -> u64;
     /// Short engine name for status and logs ("memory", "rocksdb").
@@ -165,6 +171,9 @@ impl<B: Backend + ?Sized> Backend for Arc<B> {
     }
     fn flush(&self) -> Result<(), BackendError> {
         (**self).flush()
+    }
+    fn write_pending(&self) -> Result<(), BackendError> {
+        (**self).write_pending()
     }
     fn size_bytes(&self) -> u64 {
         (**self).size_bytes()

@@ -168,6 +168,7 @@ impl RaftNode {
                 .write()
                 .map_err(|_| Error::Stopped)?
                 .bootstrap_members(storage::BOOTSTRAP_INDEX, &initial)?;
+            read_state(&state)?.backend().write_pending()?;
         }
         let storage = RaftStorage::open(engine.clone(), state.clone(), bootstrap)?;
         let applied = read_state(&state)?.applied_index();
@@ -823,6 +824,9 @@ impl Driver {
                     }
                 }
             }
+            // The group's volatile writes reach the engine as one write, before anyone
+            // is answered, the lock lets readers in, or a flush is asked of the engine.
+            sm.backend().write_pending()?;
             self.shared
                 .applied_index
                 .store(sm.applied_index(), Ordering::SeqCst);
