@@ -229,13 +229,9 @@ impl RaftStorage {
         }
         self.terms
             .truncate((first.index - self.compacted.0 - 1) as usize);
-        // The conflicting suffix leaves the tail too.
+        // The conflicting suffix leaves the tail too (which stays contiguous up to `last`).
         while self.tail.back().is_some_and(|e| e.index >= first.index) {
-            let gone = self.tail.pop_back().unwrap();
-            self.tail_bytes -= gone.data.len();
-        }
-        if self.tail.back().is_some_and(|e| e.index + 1 != first.index) {
-            self.clear_tail();
+            self.pop_tail(false);
         }
         for e in entries {
             batch.put(
@@ -249,10 +245,21 @@ impl RaftStorage {
             self.tail.push_back(e.clone());
         }
         while self.tail.len() > 1 && self.tail_bytes > TAIL_CACHE_BYTES {
-            let gone = self.tail.pop_front().unwrap();
-            self.tail_bytes -= gone.data.len();
+            self.pop_tail(true);
         }
         Ok(())
+    }
+
+    /// Drops the tail's oldest (`front`) or newest entry.
+    fn pop_tail(&mut self, front: bool) {
+        let gone = if front {
+            self.tail.pop_front()
+        } else {
+            self.tail.pop_back()
+        };
+        if let Some(e) = gone {
+            self.tail_bytes -= e.data.len();
+        }
     }
 
     fn clear_tail(&mut self) {
@@ -305,8 +312,7 @@ impl RaftStorage {
         }
         self.terms.drain(..(index - self.compacted.0) as usize);
         while self.tail.front().is_some_and(|e| e.index <= index) {
-            let gone = self.tail.pop_front().unwrap();
-            self.tail_bytes -= gone.data.len();
+            self.pop_tail(true);
         }
         self.compacted = (index, term);
         batch.put(Bucket::Log, COMPACTED_KEY, compaction_point(index, term));
