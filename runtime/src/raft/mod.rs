@@ -4,17 +4,25 @@
 //! This module owns the raft loop: ticks, proposals, `Ready` handling, the apply of
 //! committed entries to the state machine in log order, ReadIndex for linearizable reads
 //! (one raft round shared by every reader that queued before it), log compaction and
-//! snapshot install. It must never answer a proposer before its entry is committed and
-//! applied, never apply an entry twice or out of order (the state machine's applied index
-//! is the fence), never make applied state durable ahead of the commit index that covers
-//! it (a restart would find state raft does not know is committed), never remove from the
-//! log an entry whose applied state is not yet durable (the state machine writes volatile
+//! snapshot install. Entries and hard state are made durable by the log writer
+//! ([`persist`]) behind the loop, which goes on proposing and applying meanwhile; raft
+//! hands out for apply only entries the writer reported durable.
+//!
+//! It must never answer a proposer before its entry is committed and applied, never
+//! apply an entry twice or out of order (the state machine's applied index is the fence),
+//! never apply an entry before it is durable in the log, never remove from the log an
+//! entry whose applied state is not yet durable (the state machine writes volatile
 //! batches, see `storage::Engine::for_state_machine`: a crash loses them and the log
 //! replays them, so log compaction, snapshot install and conf state writes flush the
 //! engine first), and never block on the network: messages go out through
-//! [`transport::Transport`]'s bounded queues.
+//! [`transport::Transport`]'s bounded queues. Applied state may become durable (by a
+//! flush) ahead of the hard state's commit index, which the writer may not have written
+//! yet: every applied entry is committed and durable in the log, so a restart clamps
+//! raft's applied index to the stored commit and the state machine skips the entries it
+//! already holds when raft hands them out again.
 
 mod logger;
+mod persist;
 pub mod storage;
 pub mod transport;
 
@@ -42,6 +50,7 @@ use crate::signal as watch;
 use crate::blocking;
 use crate::error::{ClusterError, Error, Result};
 use crate::replication::{read_state, EventSink, ReplicaStatus, Replicator, SharedState};
+use persist::{Persister, Report};
 use storage::RaftStorage;
 use transport::Transport;
 
@@ -226,6 +235,8 @@ impl RaftNode {
             .map(|(id, (_, urls))| (*id, urls.clone()))
             .collect();
         let transport = Transport::new(config.member_id, config.cluster_id, tx.clone());
+        let (persister, reports) = Persister::start(engine.clone(), transport.clone())
+            .map_err(|e| Error::Internal(format!("starting the raft log writer: {e}")))?;
         let peer_state = state.clone();
         let mut driver = Driver {
             node,
@@ -234,6 +245,8 @@ impl RaftNode {
             events,
             shared: shared.clone(),
             transport,
+            persister,
+            last_ready: 0,
             waiters: HashMap::new(),
             stalled: Vec::new(),
             reads: Reads::default(),
@@ -252,7 +265,7 @@ impl RaftNode {
             election_salt: tokio::madsim::rand::random(),
         };
         driver.refresh_peers()?;
-        tokio::spawn(run(driver, rx, config.heartbeat));
+        tokio::spawn(run(driver, rx, reports, config.heartbeat));
         Ok(Self {
             state: peer_state,
             inbox: tx,
@@ -410,6 +423,10 @@ struct Driver {
     events: Arc<dyn EventSink>,
     shared: Arc<Shared>,
     transport: Transport,
+    /// Writes each `Ready`'s entries and hard state, in order, behind the loop.
+    persister: Persister,
+    /// The number of the newest `Ready` handled.
+    last_ready: u64,
     /// Local proposers by request ID, answered when their entry is applied here.
     waiters: HashMap<u64, oneshot::Sender<Result<ApplyResponse>>>,
     /// Proposals raft refused for lack of a leader; retried when one is known.
@@ -436,17 +453,33 @@ struct Driver {
     election_salt: u64,
 }
 
-async fn run(mut driver: Driver, mut inbox: mpsc::Receiver<Input>, heartbeat: Duration) {
+async fn run(
+    mut driver: Driver,
+    mut inbox: mpsc::Receiver<Input>,
+    mut reports: mpsc::UnboundedReceiver<Report>,
+    heartbeat: Duration,
+) {
     let mut ticker = tokio::time::interval(heartbeat);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut closing = None;
     let shared = driver.shared.clone();
-    loop {
+    'turns: loop {
         // `biased` (replayable under simulation: see api::watch); the ticker goes first
-        // because it is rarely ready, so a busy inbox cannot starve it.
+        // because it is rarely ready, so a busy inbox cannot starve it, and the writer's
+        // reports before new inputs, because they release applies and answers.
         tokio::select! {
             biased;
             _ = ticker.tick() => driver.tick(),
+            report = reports.recv() => {
+                let Some(report) = report else {
+                    shared.fail("the raft log writer stopped".into());
+                    break;
+                };
+                if let Err(e) = driver.on_report(report) {
+                    shared.fail(e.to_string());
+                    break;
+                }
+            }
             input = inbox.recv() => {
                 let Some(input) = input else { break };
                 if let Some(ack) = driver.handle(input) {
@@ -466,11 +499,28 @@ async fn run(mut driver: Driver, mut inbox: mpsc::Receiver<Input>, heartbeat: Du
                 }
             }
         }
-        if driver.node.has_ready() {
+        while let Ok(report) = reports.try_recv() {
+            if let Err(e) = driver.on_report(report) {
+                shared.fail(e.to_string());
+                break 'turns;
+            }
+        }
+        // A handled Ready can leave another behind (raft's own follow-up messages); a
+        // few rounds, then the next input or report.
+        for _ in 0..4 {
+            if !driver.node.has_ready() {
+                break;
+            }
             let ready = driver.node.ready();
-            let result = if needs_disk(&ready) {
+            let result = if in_order(&ready) {
+                driver.on_ready(ready)
+            } else {
+                // A snapshot to install or a membership change to apply: done as before
+                // the writer existed, once everything queued is written, on a blocking
+                // thread (installing and flushing take a while).
+                driver.persister.barrier().await;
                 let done = blocking(move || {
-                    let result = driver.on_ready(ready).and_then(|()| driver.maybe_compact());
+                    let result = driver.on_ready_in_place(ready);
                     (driver, result)
                 })
                 .await;
@@ -481,17 +531,16 @@ async fn run(mut driver: Driver, mut inbox: mpsc::Receiver<Input>, heartbeat: Du
                     }
                     Err(why) => {
                         shared.fail(format!("raft loop panicked: {why}"));
-                        break;
+                        // The driver went with the panic; nothing is left to write.
+                        shared.stopped.store(true, Ordering::SeqCst);
+                        refuse_queued(inbox, closing);
+                        return;
                     }
                 }
-            } else {
-                // Messages and read states only (heartbeats, ReadIndex rounds): nothing
-                // waits on the disk, so no hand-off to a blocking thread and back.
-                driver.on_ready(ready)
             };
             if let Err(e) = result {
                 shared.fail(e.to_string());
-                break;
+                break 'turns;
             }
         }
         if closing.is_some() {
@@ -499,6 +548,14 @@ async fn run(mut driver: Driver, mut inbox: mpsc::Receiver<Input>, heartbeat: Du
         }
     }
     shared.stopped.store(true, Ordering::SeqCst);
+    // What was acknowledged to peers or queued before the stop reaches the engine before
+    // the member reports itself closed (a restart reopens the same engine).
+    driver.persister.barrier().await;
+    refuse_queued(inbox, closing);
+}
+
+/// Answers what is still queued for a stopped loop, then the close request if any.
+fn refuse_queued(mut inbox: mpsc::Receiver<Input>, closing: Option<oneshot::Sender<()>>) {
     inbox.close();
     while let Ok(input) = inbox.try_recv() {
         match input {
@@ -519,13 +576,16 @@ async fn run(mut driver: Driver, mut inbox: mpsc::Receiver<Input>, heartbeat: Du
     }
 }
 
-/// Whether handling `ready` writes to the engine (entries, hard state, snapshot, the
-/// apply of committed entries), so it belongs on a blocking thread.
-fn needs_disk(ready: &Ready) -> bool {
-    !ready.entries().is_empty()
-        || ready.hs().is_some()
-        || !ready.snapshot().is_empty()
-        || !ready.committed_entries().is_empty()
+/// Whether `ready` can be handled by the loop with its writes queued to the log writer:
+/// anything but a snapshot to install or a membership change to apply, which are handled
+/// in place once the writer has caught up (both flush the engine and rewrite raft's
+/// configuration, which must not race queued writes).
+fn in_order(ready: &Ready) -> bool {
+    ready.snapshot().is_empty()
+        && ready
+            .committed_entries()
+            .iter()
+            .all(|e| e.get_entry_type() == EntryType::EntryNormal)
 }
 
 impl Driver {
@@ -649,7 +709,80 @@ impl Driver {
             .store(raft.raft_log.committed, Ordering::SeqCst);
     }
 
+    /// Handles a report of the log writer.
+    fn on_report(&mut self, report: Report) -> Result<()> {
+        match report {
+            Report::Persisted(number) => {
+                // Once everything submitted is durable, so is every Ready handled since
+                // (those wrote nothing), and raft may forget them all.
+                let upto = if self.persister.persisted(number) {
+                    self.last_ready
+                } else {
+                    number
+                };
+                self.node.on_persist_ready(upto);
+                Ok(())
+            }
+            Report::Failed(why) => Err(Error::Storage(why)),
+        }
+    }
+
+    /// Handles a `Ready` whose writes go to the log writer: sends what may leave now,
+    /// queues entries and hard state (and the messages that must wait for them), applies
+    /// the committed entries raft hands out (all durable already), and answers.
     fn on_ready(&mut self, mut ready: Ready) -> Result<()> {
+        let number = ready.number();
+        self.last_ready = number;
+        // A leader may send before persisting (raft's thesis, 10.2.1).
+        self.transport.send(ready.take_messages());
+        let mut batch = WriteBatch::new();
+        self.node.mut_store().append(ready.entries(), &mut batch)?;
+        if let Some(hs) = ready.hs() {
+            self.node.mut_store().set_hard_state(hs.clone(), &mut batch);
+        }
+        // etcd's MustSync: entries, a term or a vote must be durable before anything
+        // that depends on them leaves; a commit index alone need not (raft learns it
+        // again), so it is written without waiting for the disk.
+        let must_sync = ready.must_sync();
+        let waiting = ready.take_persisted_messages();
+        let committed = ready.take_committed_entries();
+        let read_states = ready.take_read_states();
+        // raft reads the new entries back from the storage's memory until they are
+        // written (see `storage`).
+        self.node.advance_append_async(ready);
+        if must_sync {
+            batch.sync = true;
+            self.persister.submit(number, batch, waiting);
+        } else {
+            if !batch.is_empty() {
+                // A commit index alone: queued, but nobody waits for it.
+                batch.volatile = true;
+                self.persister.submit_unnumbered(batch);
+            }
+            if self.persister.drained() {
+                // Nothing to wait for: every earlier Ready that wrote is durable.
+                self.transport.send(waiting);
+                self.node.on_persist_ready(number);
+            } else if !waiting.is_empty() {
+                // Behind the writes still queued.
+                self.persister.submit(number, WriteBatch::new(), waiting);
+            }
+        }
+        self.publish_status();
+        self.apply(committed)?;
+        self.node.advance_apply();
+        self.confirm_reads(read_states);
+        self.release_reads();
+        self.maybe_compact()?;
+        self.publish_status();
+        Ok(())
+    }
+
+    /// Handles a `Ready` entirely here, its writes made durable before it returns; only
+    /// once every write queued to the log writer is done (a snapshot install and a
+    /// membership change rewrite what those writes would otherwise race).
+    fn on_ready_in_place(&mut self, mut ready: Ready) -> Result<()> {
+        self.last_ready = ready.number();
         // A leader may send before persisting (raft's thesis, 10.2.1).
         self.transport.send(ready.take_messages());
 
@@ -703,6 +836,7 @@ impl Driver {
         self.apply(light.take_committed_entries())?;
         self.node.advance_apply();
         self.release_reads();
+        self.maybe_compact()?;
         self.publish_status();
         Ok(())
     }
@@ -1042,7 +1176,9 @@ impl Driver {
                 // (`compact` then has nothing to do).
                 let mut batch = WriteBatch::new();
                 self.node.mut_store().compact(to, &mut batch)?;
-                self.engine.write(batch)?;
+                // Tens of thousands of deletes: the writer takes them, behind the
+                // entries queued before (raft no longer reads what they remove).
+                self.persister.submit_unnumbered(batch);
                 tracing::info!(compacted_to = to, "compacted the raft log");
             }
             Compaction::Failed(why) => {

@@ -7,10 +7,12 @@
 //! bounded copy of the log's tail (the entries raft reads back right after appending
 //! them: to apply them, and to send them to followers), and reads older entries from the
 //! engine. It must never make a write durable on its own: the
-//! driver collects each change into the `WriteBatch` of its `Ready` and syncs once, so
-//! entries and hard state become durable together; and it must never hand raft an entry
-//! that is not in the engine's batch order (memory is updated before the batch is
-//! written, and a failed write stops the member).
+//! driver collects each change into the `WriteBatch` of its `Ready`, which the log writer
+//! (`persist`) syncs once, so entries and hard state become durable together; and it must
+//! never hand raft an entry from the engine that the tail could still be replacing:
+//! memory is updated before the batch is written (raft reads new entries back before
+//! they are durable), so entries not yet applied are served from the tail only, and the
+//! engine is read only below the tail, where everything is applied and written.
 
 use std::collections::VecDeque;
 
@@ -62,8 +64,9 @@ pub struct RaftStorage {
     terms: VecDeque<u64>,
     /// The last entry applied to the state machine and its term, for snapshots.
     applied: (u64, u64),
-    /// The newest stored entries, `last - tail.len() + 1 ..= last`, at most
-    /// [`TAIL_CACHE_BYTES`] of entry data (and always the last entry appended).
+    /// The newest stored entries, `last - tail.len() + 1 ..= last`: every entry not yet
+    /// applied (those may still be on their way to the engine), and applied ones up to
+    /// [`TAIL_CACHE_BYTES`] of entry data in all (and always the last entry appended).
     tail: VecDeque<Entry>,
     tail_bytes: usize,
 }
@@ -244,10 +247,20 @@ impl RaftStorage {
             self.tail_bytes += e.data.len();
             self.tail.push_back(e.clone());
         }
-        while self.tail.len() > 1 && self.tail_bytes > TAIL_CACHE_BYTES {
+        self.trim_tail();
+        Ok(())
+    }
+
+    /// Drops the tail's oldest entries beyond the size bound, but only applied ones: an
+    /// entry raft has not applied may not be in the engine yet (the log writer persists
+    /// behind the raft loop, see `persist`), and an applied one is durable there.
+    fn trim_tail(&mut self) {
+        while self.tail.len() > 1
+            && self.tail_bytes > TAIL_CACHE_BYTES
+            && self.tail.front().is_some_and(|e| e.index <= self.applied.0)
+        {
             self.pop_tail(true);
         }
-        Ok(())
     }
 
     /// Drops the tail's oldest (`front`) or newest entry.
@@ -293,6 +306,7 @@ impl RaftStorage {
         if let Some(term) = self.term_of(index) {
             self.applied = (index, term);
         }
+        self.trim_tail();
     }
 
     /// Removes entries up to and including `index` (which must be applied).
@@ -409,43 +423,30 @@ impl raft::Storage for RaftStorage {
         let max_size = max_size.into();
         let mut entries = Vec::with_capacity((high - low) as usize);
         let mut size = 0u64;
-        if low >= self.tail_first() {
-            let skip = (low - self.tail_first()) as usize;
-            for e in self.tail.iter().skip(skip).take((high - low) as usize) {
-                // Sized as encoded, like the engine path below and raft's `limit_size`.
-                size += u64::from(e.compute_size());
-                if !entries.is_empty() && max_size.is_some_and(|m| size > m) {
-                    break;
+        let tail_first = self.tail_first();
+        // Below the tail from the engine, the rest from the tail. The engine is never read
+        // at or above the tail's first index: there it may still hold entries a
+        // conflicting append replaced whose deletes are not written yet.
+        if low < tail_first {
+            let complete =
+                self.engine_entries(low, high.min(tail_first), max_size, &mut entries)?;
+            if !complete {
+                if entries.is_empty() {
+                    return Err(raft::Error::Store(StorageError::Unavailable));
                 }
-                entries.push(e.clone());
+                return Ok(entries);
             }
-            return Ok(entries);
+            size = entries.iter().map(|e| u64::from(e.compute_size())).sum();
         }
-        let mut failed = None;
-        self.engine
-            .scan(
-                Bucket::Log,
-                &entry_key(low),
-                Some(&entry_key(high)),
-                &mut |_, v| match Entry::parse_from_bytes(v) {
-                    Ok(e) => {
-                        size += v.len() as u64;
-                        // Like raft's `limit_size`: always at least one entry.
-                        if !entries.is_empty() && max_size.is_some_and(|m| size > m) {
-                            return false;
-                        }
-                        entries.push(e);
-                        true
-                    }
-                    Err(e) => {
-                        failed = Some(e.to_string());
-                        false
-                    }
-                },
-            )
-            .map_err(storage_error)?;
-        if let Some(e) = failed {
-            return Err(storage_error(e));
+        let skip = low.saturating_sub(tail_first) as usize;
+        let wanted = (high - low) as usize - entries.len();
+        for e in self.tail.iter().skip(skip).take(wanted) {
+            // Sized as encoded, like the engine path and raft's `limit_size`.
+            size += u64::from(e.compute_size());
+            if !entries.is_empty() && max_size.is_some_and(|m| size > m) {
+                break;
+            }
+            entries.push(e.clone());
         }
         if entries.is_empty() && low < high {
             return Err(raft::Error::Store(StorageError::Unavailable));
@@ -471,6 +472,57 @@ impl raft::Storage for RaftStorage {
 
     fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
         self.build_snapshot().map_err(storage_error)
+    }
+}
+
+impl RaftStorage {
+    /// Reads entries `low..high` (all below the tail) from the engine into `entries`,
+    /// stopping at `max_size` bytes (after at least one entry). Returns whether every
+    /// entry of the range was read.
+    fn engine_entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: Option<u64>,
+        entries: &mut Vec<Entry>,
+    ) -> raft::Result<bool> {
+        let mut size = 0u64;
+        let mut failed = None;
+        let mut expected = low;
+        self.engine
+            .scan(
+                Bucket::Log,
+                &entry_key(low),
+                Some(&entry_key(high)),
+                &mut |_, v| match Entry::parse_from_bytes(v) {
+                    Ok(e) if e.index == expected => {
+                        size += v.len() as u64;
+                        // Like raft's `limit_size`: always at least one entry.
+                        if !entries.is_empty() && max_size.is_some_and(|m| size > m) {
+                            return false;
+                        }
+                        entries.push(e);
+                        expected += 1;
+                        true
+                    }
+                    Ok(e) => {
+                        failed = Some(format!(
+                            "raft log entry {} where {expected} belongs",
+                            e.index
+                        ));
+                        false
+                    }
+                    Err(e) => {
+                        failed = Some(e.to_string());
+                        false
+                    }
+                },
+            )
+            .map_err(storage_error)?;
+        if let Some(e) = failed {
+            return Err(storage_error(e));
+        }
+        Ok(expected == high)
     }
 }
 
@@ -583,6 +635,7 @@ mod tests {
         let big = TAIL_CACHE_BYTES / 4;
         for i in first..first + 5 {
             append(&mut log, &engine, &[entry(i, 2, big)]);
+            log.set_applied(i);
         }
         assert!(log.tail_bytes <= TAIL_CACHE_BYTES);
         assert!(log.tail_first() > first);
@@ -596,6 +649,39 @@ mod tests {
         );
         assert_eq!(log.tail_first(), first + 5);
         assert_eq!(read(&log, first + 5, first + 6, None), vec![(first + 5, 2)]);
+    }
+
+    #[test]
+    fn unapplied_entries_stay_in_the_tail_and_the_engine_is_read_only_below_it() {
+        let engine = Arc::new(MemoryBackend::new());
+        let mut log = open(&engine);
+        let first = log.first();
+        // Past the bound, but nothing is applied: nothing leaves the tail (the writer may
+        // not have written these yet).
+        let big = TAIL_CACHE_BYTES / 4;
+        let mut pending = WriteBatch::new();
+        for i in first..first + 6 {
+            log.append(&[entry(i, 2, big)], &mut pending).unwrap();
+        }
+        assert_eq!(log.tail_first(), first);
+        assert_eq!(read(&log, first, first + 6, None).len(), 6);
+        engine.write(pending).unwrap();
+        // Once applied, the oldest go back to the bound.
+        log.set_applied(first + 3);
+        assert!(log.tail_bytes <= TAIL_CACHE_BYTES);
+        let tail_first = log.tail_first();
+        assert!(tail_first > first && tail_first <= first + 4);
+        // A conflicting append whose write is still queued: the engine holds the old
+        // entries at those indexes, a read spanning engine and tail gets the new ones.
+        let mut queued = WriteBatch::new();
+        log.append(&[entry(first + 5, 3, 10)], &mut queued).unwrap();
+        let expected: Vec<(u64, u64)> = (first..first + 5)
+            .map(|i| (i, 2))
+            .chain([(first + 5, 3)])
+            .collect();
+        assert_eq!(read(&log, first, first + 6, None), expected);
+        engine.write(queued).unwrap();
+        assert_eq!(read_reopened(&engine, first, first + 6), expected);
     }
 
     #[test]

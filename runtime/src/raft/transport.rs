@@ -8,6 +8,7 @@
 //! a message from another cluster or one addressed to another member.
 
 use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use metastore_proto::metastore::peer_client::PeerClient;
@@ -30,12 +31,16 @@ const MAX_MESSAGE_BYTES: usize = 8 << 30;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
-/// Senders to every other member.
+/// Per peer: its URLs and the queue of its sending task.
+type Peers = HashMap<u64, (Vec<String>, mpsc::Sender<Message>)>;
+
+/// Senders to every other member. Clones share the peers: the raft loop sends what may
+/// leave at once, the log writer what must wait until its entries are durable.
+#[derive(Clone)]
 pub struct Transport {
     member_id: u64,
     cluster_id: u64,
-    /// Per peer: its URLs and the queue of its sending task.
-    peers: HashMap<u64, (Vec<String>, mpsc::Sender<Message>)>,
+    peers: Arc<RwLock<Peers>>,
     inbox: mpsc::Sender<Input>,
 }
 
@@ -44,7 +49,7 @@ impl Transport {
         Self {
             member_id,
             cluster_id,
-            peers: HashMap::new(),
+            peers: Arc::default(),
             inbox,
         }
     }
@@ -53,10 +58,12 @@ impl Transport {
     /// sending task for each new peer or changed URLs; a dropped peer's task ends when
     /// its queue closes.
     pub fn set_peers(&mut self, peers: HashMap<u64, Vec<String>>) {
-        self.peers
-            .retain(|id, (urls, _)| peers.get(id).is_some_and(|u| u == urls));
+        // Only this method writes; a poisoned lock means a sender panicked mid-send,
+        // which leaves the map whole.
+        let mut current = self.peers.write().unwrap_or_else(|p| p.into_inner());
+        current.retain(|id, (urls, _)| peers.get(id).is_some_and(|u| u == urls));
         for (id, urls) in peers {
-            if self.peers.contains_key(&id) {
+            if current.contains_key(&id) {
                 continue;
             }
             let (tx, rx) = mpsc::channel(PEER_QUEUE);
@@ -70,16 +77,20 @@ impl Transport {
                 },
                 rx,
             ));
-            self.peers.insert(id, (urls, tx));
+            current.insert(id, (urls, tx));
         }
     }
 
     /// Queues messages for their peers; never waits.
     pub fn send(&self, messages: Vec<Message>) {
+        if messages.is_empty() {
+            return;
+        }
+        let peers = self.peers.read().unwrap_or_else(|p| p.into_inner());
         for m in messages {
             let to = m.to;
             let snapshot = m.get_msg_type() == MessageType::MsgSnapshot;
-            let queued = match self.peers.get(&to) {
+            let queued = match peers.get(&to) {
                 Some((_, tx)) => tx.try_send(m).is_ok(),
                 None => false,
             };
