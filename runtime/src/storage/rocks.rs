@@ -118,9 +118,17 @@ impl Backend for RocksBackend {
             }
         }
         let mut opts = WriteOptions::default();
-        opts.set_sync(batch.sync);
         opts.disable_wal(batch.volatile && !batch.sync);
-        self.db.write_opt(wb, &opts).map_err(|e| err("write", e))
+        self.db.write_opt(wb, &opts).map_err(|e| err("write", e))?;
+        if batch.sync {
+            // Synced after the write rather than by it: a synced write holds RocksDB's
+            // write queue for its fsync, and every write behind it (the state machine's
+            // applies, on the raft loop) would wait that long; SyncWAL lets them through
+            // while it syncs. Either way the batch, and every logged batch before it, is
+            // durable when this returns.
+            self.db.flush_wal(true).map_err(|e| err("sync wal", e))?;
+        }
+        Ok(())
     }
 
     /// Writes the memtables of every column family out (atomically, see `open`), which
