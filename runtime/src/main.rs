@@ -90,10 +90,12 @@ fn main() -> ExitCode {
     // .cargo/config.toml; a build without it only loses this.
     #[cfg(tokio_unstable)]
     builder.disable_lifo_slot();
-    // One core is left to the raft loop's blocking thread (persist with fdatasync, apply,
-    // answer), which is busy most of the time under write load; gRPC gets the others.
-    // On two cores shared with a load generator that made 64-client puts a third faster
-    // (docs/benchmarks.md, session 5). TOKIO_WORKER_THREADS still overrides it.
+    // One core is left to the threads outside tokio's workers: the raft log writer
+    // (fdatasync), RocksDB's flushes and compactions, and the blocking pool. When the
+    // raft loop persisted and applied on a blocking thread, this made 64-client puts a
+    // third faster on two cores shared with a load generator (docs/benchmarks.md,
+    // session 5); since the log writer took over (session 8) two workers measure the
+    // same as one there. TOKIO_WORKER_THREADS still overrides it.
     if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         builder.worker_threads(cores.saturating_sub(1).max(1));

@@ -410,9 +410,9 @@ enum Compaction {
     Idle,
     /// A flush is running; it reports back with the index it covers (`Input::Flushed`).
     Flushing,
-    /// The flush is done: these entries may go at the next disk turn.
+    /// The flush is done: these entries may go at the next Ready.
     Ready(u64),
-    /// The flush failed; the next disk turn stops the member with this.
+    /// The flush failed; the next Ready stops the member with this.
     Failed(String),
 }
 
@@ -463,6 +463,8 @@ async fn run(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut closing = None;
     let shared = driver.shared.clone();
+    // A Ready left over from the last turn: the next turn must not wait for an input.
+    let mut leftover = false;
     'turns: loop {
         // `biased` (replayable under simulation: see api::watch); the ticker goes first
         // because it is rarely ready, so a busy inbox cannot starve it, and the writer's
@@ -498,6 +500,7 @@ async fn run(
                     }
                 }
             }
+            _ = std::future::ready(()), if leftover => {}
         }
         while let Ok(report) = reports.try_recv() {
             if let Err(e) = driver.on_report(report) {
@@ -506,7 +509,7 @@ async fn run(
             }
         }
         // A handled Ready can leave another behind (raft's own follow-up messages); a
-        // few rounds, then the next input or report.
+        // few rounds, then whatever else is ready (the next turn comes straight back).
         for _ in 0..4 {
             if !driver.node.has_ready() {
                 break;
@@ -546,6 +549,7 @@ async fn run(
         if closing.is_some() {
             break;
         }
+        leftover = driver.node.has_ready();
     }
     shared.stopped.store(true, Ordering::SeqCst);
     // What was acknowledged to peers or queued before the stop reaches the engine before
@@ -1161,7 +1165,7 @@ impl Driver {
     ///
     /// Two steps: a flush of the engine in the background (the entries are about to
     /// become unreplayable, so their applied state must be durable first), then, at the
-    /// first disk turn after it, the removal of the entries up to the index applied
+    /// first Ready handled after it, the removal of the entries up to the index applied
     /// before the flush began. Flushing the memtables takes ~200 ms here, which the raft
     /// loop, and every client with it, used to wait for.
     fn maybe_compact(&mut self) -> Result<()> {
