@@ -1233,13 +1233,13 @@ mod tests {
     use crate::replication::NoEvents;
 
     /// A memory engine that counts durable raft log appends and flushes, and can be told
-    /// to fail writes or flushes.
+    /// to fail writes or flushes (the log writer's tests use it too).
     #[derive(Clone, Default)]
-    struct Counting {
+    pub(super) struct Counting {
         inner: Arc<MemoryBackend>,
         log_syncs: Arc<AtomicUsize>,
         flushes: Arc<AtomicUsize>,
-        fail: Arc<AtomicBool>,
+        pub(super) fail: Arc<AtomicBool>,
         fail_flush: Arc<AtomicBool>,
     }
 

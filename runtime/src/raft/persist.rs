@@ -225,8 +225,11 @@ fn merge(batch: &mut WriteBatch, next: WriteBatch) {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::Ordering;
+
     use metastore_core::{BatchOp, Bucket, MemoryBackend};
 
+    use super::super::tests::Counting;
     use super::*;
 
     fn batch(key: &[u8], sync: bool, volatile: bool) -> WriteBatch {
@@ -284,55 +287,15 @@ mod tests {
         assert!(engine.get(Bucket::Log, b"last").unwrap().is_some());
     }
 
-    /// An engine whose writes fail from the first one carrying the key `bad` on.
-    struct FailingAt(MemoryBackend);
-
-    impl Backend for FailingAt {
-        fn get(
-            &self,
-            bucket: Bucket,
-            key: &[u8],
-        ) -> Result<Option<Vec<u8>>, metastore_core::BackendError> {
-            self.0.get(bucket, key)
-        }
-        fn scan(
-            &self,
-            bucket: Bucket,
-            start: &[u8],
-            end: Option<&[u8]>,
-            visit: &mut metastore_core::backend::ScanVisitor<'_>,
-        ) -> Result<(), metastore_core::BackendError> {
-            self.0.scan(bucket, start, end, visit)
-        }
-        fn write(&self, batch: WriteBatch) -> Result<(), metastore_core::BackendError> {
-            let bad = batch
-                .ops
-                .iter()
-                .any(|op| matches!(op, BatchOp::Put { key, .. } if key == b"bad"));
-            if bad {
-                return Err(metastore_core::BackendError("injected".into()));
-            }
-            self.0.write(batch)
-        }
-        fn flush(&self) -> Result<(), metastore_core::BackendError> {
-            Ok(())
-        }
-        fn size_bytes(&self) -> u64 {
-            0
-        }
-        fn engine_name(&self) -> &'static str {
-            "failing"
-        }
-    }
-
     #[tokio::test]
     async fn a_failed_write_is_reported_and_nothing_after_it_is_written() {
-        let engine = Arc::new(FailingAt(MemoryBackend::new()));
+        let engine = Counting::default();
         let (inbox, _) = mpsc::channel(1);
         let (mut persister, mut reports) =
-            Persister::start(engine.clone(), Transport::new(1, 1, inbox)).unwrap();
+            Persister::start(Arc::new(engine.clone()), Transport::new(1, 1, inbox)).unwrap();
         persister.submit(1, batch(b"ok", true, false), Vec::new());
         persister.barrier().await;
+        engine.fail.store(true, Ordering::SeqCst);
         persister.submit(2, batch(b"bad", true, false), Vec::new());
         persister.submit(3, batch(b"after", true, false), Vec::new());
         // The barrier behind the failure is never answered: it resolves as dropped.

@@ -428,7 +428,7 @@ impl raft::Storage for RaftStorage {
         // at or above the tail's first index: there it may still hold entries a
         // conflicting append replaced whose deletes are not written yet.
         if low < tail_first {
-            let complete =
+            let (complete, read) =
                 self.engine_entries(low, high.min(tail_first), max_size, &mut entries)?;
             if !complete {
                 if entries.is_empty() {
@@ -436,7 +436,7 @@ impl raft::Storage for RaftStorage {
                 }
                 return Ok(entries);
             }
-            size = entries.iter().map(|e| u64::from(e.compute_size())).sum();
+            size = read;
         }
         let skip = low.saturating_sub(tail_first) as usize;
         let wanted = (high - low) as usize - entries.len();
@@ -478,14 +478,14 @@ impl raft::Storage for RaftStorage {
 impl RaftStorage {
     /// Reads entries `low..high` (all below the tail) from the engine into `entries`,
     /// stopping at `max_size` bytes (after at least one entry). Returns whether every
-    /// entry of the range was read.
+    /// entry of the range was read, and the encoded bytes read.
     fn engine_entries(
         &self,
         low: u64,
         high: u64,
         max_size: Option<u64>,
         entries: &mut Vec<Entry>,
-    ) -> raft::Result<bool> {
+    ) -> raft::Result<(bool, u64)> {
         let mut size = 0u64;
         let mut failed = None;
         let mut expected = low;
@@ -496,11 +496,13 @@ impl RaftStorage {
                 Some(&entry_key(high)),
                 &mut |_, v| match Entry::parse_from_bytes(v) {
                     Ok(e) if e.index == expected => {
-                        size += v.len() as u64;
                         // Like raft's `limit_size`: always at least one entry.
-                        if !entries.is_empty() && max_size.is_some_and(|m| size > m) {
+                        if !entries.is_empty()
+                            && max_size.is_some_and(|m| size + v.len() as u64 > m)
+                        {
                             return false;
                         }
+                        size += v.len() as u64;
                         entries.push(e);
                         expected += 1;
                         true
@@ -522,7 +524,7 @@ impl RaftStorage {
         if let Some(e) = failed {
             return Err(storage_error(e));
         }
-        Ok(expected == high)
+        Ok((expected == high, size))
     }
 }
 
